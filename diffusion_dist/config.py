@@ -1,0 +1,236 @@
+"""The typed config tree: one YAML per experiment, `section.key=value` overrides, validation.
+
+Every key has a type and a comment here; configs/*.yaml set only what differs from these
+defaults. Everything is checked before any process group starts, and every error names
+the key at fault.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from .diffusion import SAMPLERS, SCHEDULES, VARIANCES
+from .models import UNET_SIZES
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # all outputs: checkpoints/, export/, config.yaml, logs
+    seed: int = 0  # global seed; rank r uses seed · world_size + r
+    name: str = ""  # display name (MLflow run name); empty: the basename of dir
+
+
+@dataclass
+class ModelConfig:
+    size: str = "UNet-B"  # a named size of models.UNET_SIZES
+    num_classes: int = 1000  # labels 0..num_classes−1; index num_classes is the null token ∅
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"  # linear (DDPM) | cosine (improved DDPM) | scaled_linear (LDM)
+    num_timesteps: int = 1000  # T of the training chain
+    variance: str = "learned_range"  # fixed_small | fixed_large | learned_range (learn_sigma)
+    input_perturbation: float = 0.1  # γ of DDPM-IP; 0 is the plain loss
+    p_uncond: float = 0.1  # probability of replacing a label by ∅ (classifier-free guidance)
+    vlb_weight: float = 0.001  # λ of the hybrid loss L_simple + λ·L_vlb (learned variance only)
+    sampler: str = "ddpm"  # ddpm | ddim, for sample grids and launch.sample
+    sample_steps: int = 250  # respaced chain length for sampling
+    guidance_scale: float = 4.0  # w of classifier-free guidance for sample grids
+
+
+@dataclass
+class DataConfig:
+    url: str = ""  # dataset prefix holding manifest.json and shards: path, file://, s3://bucket/prefix
+    num_workers: int = 4  # DataLoader workers per rank
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options; secrets never logged
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 400_000  # optimizer steps
+    global_batch_size: int = 256  # samples per optimizer step over all ranks
+    micro_batch_size: int = 32  # samples per forward per rank; accumulation fills the rest
+    precision: str = "bf16"  # fp32 | bf16 | fp16 (dynamic loss scaling)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0–3
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warmup from 0, then lr_schedule
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at max_steps)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    ema_decay: float = 0.9999
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed JSON keys, merged last
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 5000  # steps between checkpoints
+    keep: int = 3  # committed checkpoints to keep; the newest is never deleted
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # MLflow tracking URI; empty: MLFLOW_TRACKING_URI, else a local store in run.dir
+    experiment: str = "diffusion-dist"
+    log_every: int = 100  # steps between metric logs
+    sample_every: int = 5000  # steps between sample grids; 0 disables
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what to do."""
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), world_size: int = 1) -> Config:
+    """Defaults, then the YAML at `path`, then `section.key=value` overrides; validated for world_size ranks."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a YAML such as configs/demo.yaml")
+        merged = _merge(merged, OmegaConf.load(path), source=str(path))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or "." not in key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.max_steps=1000)")
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), source=f"override {item!r}")
+    config = OmegaConf.to_object(merged)
+    validate(config, world_size)
+    return config
+
+
+def _merge(base: Any, update: Any, source: str) -> Any:
+    try:
+        return OmegaConf.merge(base, update)
+    except ConfigKeyError as e:
+        raise ConfigError(f"{source}: {_unknown_key_message(e.full_key)}") from None
+    except OmegaConfBaseException as e:
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"{source}: invalid value for {e.full_key}: {reason}") from None
+
+
+def _unknown_key_message(full_key: str) -> str:
+    """'unknown key model.sise; did you mean model.size? ...' with the valid keys of its section."""
+    section, _, key = full_key.partition(".")
+    sections = {f.name: f.type for f in fields(Config)}
+    if section not in sections:
+        candidates, where = list(sections), "sections"
+        guess = section
+    else:
+        candidates = [f.name for f in fields(getattr(Config(), section))]
+        where, guess = f"keys of {section}", key
+    close = difflib.get_close_matches(guess, candidates, n=1)
+    hint = f"; did you mean {section + '.' if section in sections else ''}{close[0]}?" if close else ""
+    return f"unknown key {full_key}{hint} (valid {where}: {', '.join(candidates)})"
+
+
+def validate(config: Config, world_size: int = 1) -> None:
+    """Raise ConfigError naming the first key whose value cannot run."""
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            value = _get(config, key)
+            raise ConfigError(f"{key}={value!r}: {message}")
+
+    def choice(key: str, options: Sequence[Any]) -> None:
+        check(_get(config, key) in options, key, f"choose one of {', '.join(map(str, options))}")
+
+    run, model, diffusion, train = config.run, config.model, config.diffusion, config.train
+    check(bool(run.dir), "run.dir", "set the output directory")
+    check(run.seed >= 0, "run.seed", "must be >= 0")
+    choice("model.size", list(UNET_SIZES))
+    check(model.num_classes >= 0, "model.num_classes", "must be >= 0 (0: unconditional)")
+    check(0 <= model.dropout < 1, "model.dropout", "must lie in [0, 1)")
+    choice("diffusion.schedule", SCHEDULES)
+    check(diffusion.num_timesteps >= 1, "diffusion.num_timesteps", "must be >= 1")
+    choice("diffusion.variance", VARIANCES)
+    check(diffusion.input_perturbation >= 0, "diffusion.input_perturbation", "γ must be >= 0 (0 disables DDPM-IP)")
+    check(0 <= diffusion.p_uncond < 1, "diffusion.p_uncond", "must lie in [0, 1)")
+    check(diffusion.vlb_weight >= 0, "diffusion.vlb_weight", "must be >= 0")
+    choice("diffusion.sampler", list(SAMPLERS))
+    check(
+        1 <= diffusion.sample_steps <= diffusion.num_timesteps,
+        "diffusion.sample_steps",
+        f"must lie in [1, diffusion.num_timesteps={diffusion.num_timesteps}]",
+    )
+    check(diffusion.guidance_scale >= 0, "diffusion.guidance_scale", "must be >= 0")
+    check(config.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    check(train.max_steps >= 1, "train.max_steps", "must be >= 1")
+    check(train.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
+    check(train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    check(
+        train.global_batch_size % (train.micro_batch_size * world_size) == 0,
+        "train.micro_batch_size",
+        f"micro_batch_size × world size ({train.micro_batch_size} × {world_size}) must divide "
+        f"train.global_batch_size={train.global_batch_size}; change one of them",
+    )
+    choice("train.precision", PRECISIONS)
+    choice("train.zero_stage", (0, 1, 2, 3))
+    check(train.lr > 0, "train.lr", "must be > 0")
+    check(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    check(train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    choice("train.lr_schedule", LR_SCHEDULES)
+    check(train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    check(0 <= train.ema_decay <= 1, "train.ema_decay", "must lie in [0, 1]")
+    check(config.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
+    check(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    check(config.tracking.log_every >= 1, "tracking.log_every", "must be >= 1")
+    check(config.tracking.sample_every >= 0, "tracking.sample_every", "must be >= 0 (0 disables)")
+
+
+def gradient_accumulation_steps(config: Config, world_size: int) -> int:
+    """Micro batches per rank per optimizer step: global = micro × accumulation × world size."""
+    return config.train.global_batch_size // (config.train.micro_batch_size * world_size)
+
+
+def _get(config: Config, dotted_key: str) -> Any:
+    section, key = dotted_key.split(".")
+    return getattr(getattr(config, section), key)
+
+
+# Keys whose values are credentials: never printed, logged or stored.
+_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|(^|_)key(_|$)", re.I)
+
+
+def redact(value: Any) -> Any:
+    """A copy of nested dicts/lists with the values of secret-looking keys replaced by '***'."""
+    if isinstance(value, Mapping):
+        return {k: "***" if _SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
+def to_dict(config: Config, redact_secrets: bool = True) -> dict[str, Any]:
+    """The config as plain nested dicts, with credentials redacted unless asked otherwise."""
+    assert is_dataclass(config)
+    tree = asdict(config)
+    return redact(tree) if redact_secrets else tree
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML, credentials redacted: what --print-config shows and runs save."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(config)))
