@@ -1,0 +1,130 @@
+"""The typed config: YAML, overrides, validation errors that name the key, --print-config."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffusion_dist.config import Config, ConfigError, gradient_accumulation_steps, load_config, to_yaml
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_defaults_and_yaml_and_overrides_layer(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  size: UNet-S\ntrain:\n  lr: 3.0e-4\n")
+    config = load_config(
+        path,
+        [
+            "model.num_classes=10",
+            "train.lr=1e-3",
+            "diffusion.schedule=cosine",
+            "model.gradient_checkpointing=true",
+            "data.storage_options.client_kwargs.endpoint_url=http://127.0.0.1:9000",
+            "train.deepspeed.zero_optimization.reduce_bucket_size=5e8",
+        ],
+    )
+    assert config.model.size == "UNet-S"  # from the YAML
+    assert config.model.num_classes == 10 and config.train.lr == 1e-3  # overrides win
+    assert config.diffusion.schedule == "cosine" and config.model.gradient_checkpointing is True
+    assert config.train.zero_stage == 2  # default
+    assert config.data.storage_options == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    assert config.train.deepspeed["zero_optimization"]["reduce_bucket_size"] == 5e8
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.sise=UNet-S"], r"unknown key model\.sise; did you mean model\.size\?"),
+        (["modle.size=UNet-S"], r"unknown key modle; did you mean model\?"),
+        (["train.max_steps=many"], r"invalid value for train\.max_steps"),
+        (["train.zero_stage=1.5"], r"invalid value for train\.zero_stage"),
+        (["diffusion.input_perturbation=-0.1"], r"diffusion\.input_perturbation=-0\.1: γ must be >= 0"),
+        (["diffusion.p_uncond=1.0"], r"diffusion\.p_uncond=1\.0: must lie in \[0, 1\)"),
+        (["diffusion.p_uncond=-0.2"], r"diffusion\.p_uncond=-0\.2: must lie in \[0, 1\)"),
+        (["diffusion.schedule=quadratic"], r"diffusion\.schedule='quadratic': choose one of linear, cosine"),
+        (["model.size=UNet-Q"], r"model\.size='UNet-Q': choose one of UNet-T, UNet-S"),
+        (["train.precision=fp8"], r"train\.precision='fp8': choose one of fp32, bf16, fp16"),
+        (["train.zero_stage=4"], r"train\.zero_stage=4"),
+        (["diffusion.variance=learned"], r"diffusion\.variance='learned'"),
+        (["diffusion.sample_steps=2000"], r"diffusion\.sample_steps=2000: must lie in \[1, "),
+        (["train.global_batch_size=100", "train.micro_batch_size=32"], r"train\.micro_batch_size=32: .* must divide"),
+        (["train.max_steps"], r"not of the form section\.key=value"),
+        (["seed=3"], r"not of the form section\.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_yaml_names_the_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_step: 10\n")
+    with pytest.raises(ConfigError, match=rf"{path}: unknown key train\.max_step; did you mean train\.max_steps\?"):
+        load_config(path)
+    path.write_text("diffusion:\n  p_uncond: lots\n")
+    with pytest.raises(ConfigError, match=rf"{path}: invalid value for diffusion\.p_uncond"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_micro_batch_must_divide_global_batch_by_world_size():
+    overrides = ["train.global_batch_size=64", "train.micro_batch_size=16"]
+    assert gradient_accumulation_steps(load_config(None, overrides, world_size=2), 2) == 2
+    assert gradient_accumulation_steps(load_config(None, overrides, world_size=4), 4) == 1
+    with pytest.raises(ConfigError, match=r"16 × 8\) must divide train\.global_batch_size=64"):
+        load_config(None, overrides, world_size=8)
+
+
+def test_yaml_round_trip_redacts_credentials():
+    config = load_config(
+        None,
+        [
+            "data.storage_options.key=AKIACANARY",
+            "data.storage_options.secret=canary-secret",
+            "data.storage_options.client_kwargs.aws_session_token=canary-token",
+            "data.storage_options.client_kwargs.endpoint_url=http://127.0.0.1:9000",
+        ],
+    )
+    text = to_yaml(config)
+    assert "CANARY" not in text.upper()
+    tree = yaml.safe_load(text)
+    assert tree["data"]["storage_options"]["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9000"
+    assert tree["model"] == {"size": "UNet-B", "num_classes": 1000, "dropout": 0.0, "gradient_checkpointing": False}
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launch.train", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_print_config_cli():
+    result = run_cli("configs/demo.yaml", "model.size=UNet-S", "data.storage_options.secret=canary", "--print-config")
+    assert result.returncode == 0, result.stderr
+    tree = yaml.safe_load(result.stdout)
+    assert tree["model"]["size"] == "UNet-S" and tree["run"]["dir"] == "runs/demo"
+    assert "canary" not in result.stdout
+
+
+def test_cli_reports_config_errors_without_a_traceback():
+    result = run_cli("configs/demo.yaml", "train.zero_stag=3", "--print-config")
+    assert result.returncode == 2
+    assert "unknown key train.zero_stag; did you mean train.zero_stage?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_checks_the_batch_split_for_the_launcher_world_size():
+    env = {**os.environ, "WORLD_SIZE": "3"}
+    result = run_cli("configs/demo.yaml", "--print-config", env=env)
+    assert result.returncode == 2 and "× 3) must divide train.global_batch_size=64" in result.stderr

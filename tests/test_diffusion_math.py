@@ -1,0 +1,333 @@
+"""Closed forms: the forward process, the posterior, optimal-denoiser sampling, the loss, guidance."""
+
+import math
+
+import pytest
+import torch
+
+from diffusion_dist.diffusion import (
+    SCHEDULES,
+    GaussianDiffusion,
+    classifier_free_guidance,
+    classifier_grad,
+    classifier_guidance,
+    diffusion_loss,
+    drop_labels,
+    generate,
+    get_betas,
+    sample_ddim,
+    sample_ddpm,
+    space_timesteps,
+    timestep_quartile_sums,
+)
+
+
+def batch_t(t: int, n: int) -> torch.Tensor:
+    return torch.full((n,), t, dtype=torch.long)
+
+
+# Schedules and respacing.
+
+
+def test_linear_schedule_end_points():
+    betas = get_betas("linear", 1000)
+    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+    assert betas.dtype == torch.float64
+
+
+def test_cosine_schedule_alpha_bar_closed_form():
+    """Π(1 − β_i) telescopes to f(t + 1) / f(0), f(u) = cos²((u/T + s)/(1 + s)·π/2), where β is unclipped."""
+    T, s = 1000, 0.008
+    alpha_bar = torch.cumprod(1 - get_betas("cosine", T), 0)
+    f = lambda u: math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 10, 500, 900):
+        assert alpha_bar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-10)
+
+
+def test_unknown_schedule_is_named():
+    with pytest.raises(ValueError, match="unknown noise schedule 'quadratic'"):
+        get_betas("quadratic", 1000)
+
+
+def test_space_timesteps():
+    assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    steps = space_timesteps(1000, 250)
+    assert len(steps) == 250 and steps[0] == 0 and steps[-1] == 999 and steps == sorted(set(steps))
+    assert space_timesteps(300, "10,15,20")[:10] == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
+    assert len(space_timesteps(300, "10,15,20")) == 45
+    with pytest.raises(ValueError, match="ddim spacing"):
+        space_timesteps(1000, "ddim30")
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_respacing_keeps_marginals(schedule):
+    """The short chain has the same ᾱ at its steps, so q(z_t | x_0) is unchanged."""
+    full = GaussianDiffusion.from_schedule(schedule)
+    short = full.respaced(100)
+    torch.testing.assert_close(short.alphas_cumprod, full.alphas_cumprod[short.timesteps], rtol=1e-10, atol=0)
+    same = full.respaced(1000)
+    torch.testing.assert_close(same.betas, full.betas, rtol=1e-9, atol=0)
+    # Respacing a respaced chain maps through to training timesteps.
+    assert short.respaced("ddim10").timesteps.tolist() == short.timesteps[::10].tolist()
+
+
+# Forward process and posterior.
+
+
+@pytest.mark.parametrize("t", [0, 300, 999])
+def test_q_sample_mean_and_variance(t):
+    diffusion = GaussianDiffusion.from_schedule("linear")
+    n = 200_000
+    x0 = torch.full((n, 1), 0.7, dtype=torch.float64)
+    z = diffusion.q_sample(x0, batch_t(t, n), torch.randn(n, 1, dtype=torch.float64))
+    alpha_bar = diffusion.alphas_cumprod[t].item()
+    std = math.sqrt(1 - alpha_bar)
+    assert z.mean().item() == pytest.approx(math.sqrt(alpha_bar) * 0.7, abs=5 * std / math.sqrt(n))
+    assert z.var().item() == pytest.approx(1 - alpha_bar, rel=5 * math.sqrt(2 / n))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_x0_from_exact_eps_is_exact(schedule):
+    diffusion = GaussianDiffusion.from_schedule(schedule)
+    x0, eps = torch.randn(2, 16, 3, 4, 4, dtype=torch.float64)
+    for t in (0, 1, 500, 999):
+        z_t = diffusion.q_sample(x0, batch_t(t, 16), eps)
+        torch.testing.assert_close(diffusion.predict_x0_from_eps(z_t, batch_t(t, 16), eps), x0, rtol=0, atol=1e-9)
+        torch.testing.assert_close(diffusion.predict_eps_from_x0(z_t, batch_t(t, 16), x0), eps, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("t", [1, 10, 500, 999])
+def test_posterior_is_gaussian_conditioning(t):
+    """q(z_{t−1} | z_t, x_0) by conditioning the joint Gaussian of (z_{t−1}, z_t) given x_0."""
+    diffusion = GaussianDiffusion.from_schedule("cosine")
+    alpha_bar_prev, alpha_bar = diffusion.alphas_cumprod[t - 1].item(), diffusion.alphas_cumprod[t].item()
+    alpha = 1 - diffusion.betas[t].item()
+    x0, z_t = torch.randn(2, 5, 3, dtype=torch.float64)
+    # z_{t−1} = sqrt(ᾱ_{t−1}) x0 + n1; z_t = sqrt(α_t) z_{t−1} + sqrt(β_t) n2.
+    var_prev, var_t = 1 - alpha_bar_prev, 1 - alpha_bar
+    cov = math.sqrt(alpha) * var_prev
+    expected_mean = math.sqrt(alpha_bar_prev) * x0 + cov / var_t * (z_t - math.sqrt(alpha_bar) * x0)
+    expected_var = var_prev - cov**2 / var_t
+    mean, var, log_var = diffusion.q_posterior_mean_variance(x0, z_t, batch_t(t, 5))
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-9, atol=1e-12)
+    assert var.flatten()[0].item() == pytest.approx(expected_var, rel=1e-9)
+    assert log_var.flatten()[0].item() == pytest.approx(math.log(expected_var), rel=1e-9)
+
+
+# Sampling with the exact denoiser of Gaussian data N(μ, σ²I).
+
+
+MU, SIGMA = 1.5, 0.5
+
+
+def gaussian_eps(base: GaussianDiffusion, mu=MU, sigma=SIGMA):
+    """E[ε | z_t] for x_0 ~ N(μ, σ²): z_t ~ N(aμ, a²σ² + s²) gives ε* = s (z_t − aμ) / (a²σ² + s²).
+
+    base is the training chain: samplers call the model with training timesteps.
+    """
+
+    def eps(z, t):
+        a = base.sqrt_alphas_cumprod[t].reshape(-1, 1)
+        s = base.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1)
+        return s * (z - a * mu) / (a**2 * sigma**2 + s**2)
+
+    return eps
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_ddpm_with_exact_denoiser_recovers_the_gaussian(variance):
+    diffusion = GaussianDiffusion.from_schedule("linear", variance=variance)
+    g = torch.Generator().manual_seed(0)
+    z_T = torch.randn(20_000, 2, generator=g, dtype=torch.float64)
+    x = sample_ddpm(gaussian_eps(diffusion), diffusion, z_T, generator=g)
+    assert x.mean().item() == pytest.approx(MU, abs=0.01)
+    assert x.std().item() == pytest.approx(SIGMA, rel=0.03)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddim_with_exact_denoiser_recovers_the_gaussian(schedule):
+    """η = 0 DDIM integrates the probability-flow ODE, which for Gaussian data is the affine map
+    x = μ + σ (z_T − a_T μ) / sqrt(a_T² σ² + s_T²); DDIM's error shrinks as steps grow (first order)."""
+    base = GaussianDiffusion.from_schedule(schedule)
+    z_T = torch.randn(20_000, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    a, s = base.sqrt_alphas_cumprod[-1].item(), base.sqrt_one_minus_alphas_cumprod[-1].item()
+    exact = MU + SIGMA * (z_T - a * MU) / math.sqrt(a**2 * SIGMA**2 + s**2)
+    errors = []
+    for steps in (100, 250, 1000):
+        x = sample_ddim(gaussian_eps(base), base.respaced(steps), z_T)
+        errors.append((x - exact).abs().max().item())
+        if steps == 250:
+            assert x.mean().item() == pytest.approx(MU, abs=0.01)
+            assert x.std().item() == pytest.approx(SIGMA, rel=0.015)
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.012
+
+
+def test_generate_is_reproducible_from_its_seed():
+    base = GaussianDiffusion.from_schedule("linear")
+    diffusion = base.respaced(20)
+    eps = lambda z, t: gaussian_eps(base)(z.double(), t).float()  # noqa: E731
+    for sampler in ("ddpm", "ddim"):
+        a = generate(eps, diffusion, (8, 2), seed=3, sampler=sampler)
+        b = generate(eps, diffusion, (8, 2), seed=3, sampler=sampler)
+        c = generate(eps, diffusion, (8, 2), seed=4, sampler=sampler)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# The training loss.
+
+
+class RecordingModel:
+    """Returns a fixed function of z_t and records what the loss feeds it."""
+
+    def __init__(self, channels: int = 3, learn_sigma: bool = False):
+        self.channels, self.learn_sigma = channels, learn_sigma
+
+    def __call__(self, z_t, t, labels):
+        self.z_t, self.t, self.labels = z_t, t, labels
+        out = 0.5 * z_t
+        return torch.cat([out, torch.tanh(z_t)], dim=1) if self.learn_sigma else out
+
+
+def test_zero_perturbation_is_the_plain_loss():
+    diffusion = GaussianDiffusion.from_schedule("linear")
+    model = RecordingModel()
+    x0 = torch.randn(64, 3, 4, 4, dtype=torch.float64)
+    labels = torch.randint(0, 10, (64,))
+    terms = diffusion_loss(
+        model, diffusion, x0, labels, null_label=10, input_perturbation=0.0, generator=torch.Generator().manual_seed(0)
+    )
+    # z_t = sqrt(ᾱ) x0 + sqrt(1 − ᾱ) ε, so the model input determines ε; the target must be that ε.
+    eps = diffusion.predict_eps_from_x0(model.z_t, terms["t"], x0)
+    plain = ((eps - 0.5 * model.z_t) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(terms["loss"], plain, rtol=0, atol=1e-10)
+    torch.testing.assert_close(terms["vb"], torch.zeros(64, dtype=torch.float64))
+
+
+def test_input_perturbation_perturbs_the_input_not_the_target():
+    """DDPM-IP: the noise in z_t is ε + γξ (variance 1 + γ²) while the target stays ε."""
+    gamma = 0.5
+    diffusion = GaussianDiffusion.from_schedule("linear")
+    x0 = torch.randn(4096, 2, 4, 4, dtype=torch.float64)
+    labels = torch.zeros(4096, dtype=torch.long)
+
+    class EchoInputNoise:  # predicts exactly the noise that built z_t
+        def __call__(self, z_t, t, labels):
+            self.input_noise = diffusion.predict_eps_from_x0(z_t, t, x0)
+            return self.input_noise
+
+    model = EchoInputNoise()
+    terms = diffusion_loss(
+        model, diffusion, x0, labels, null_label=1, input_perturbation=gamma, generator=torch.Generator().manual_seed(1)
+    )
+    assert model.input_noise.var().item() == pytest.approx(1 + gamma**2, rel=0.02)
+    # Predicting ε + γξ instead of ε costs E‖γξ‖² = γ² per dimension.
+    assert terms["mse"].mean().item() == pytest.approx(gamma**2, rel=0.02)
+
+    # The draws of t, ε and label dropout do not depend on γ.
+    plain = diffusion_loss(
+        model, diffusion, x0, labels, null_label=1, input_perturbation=0.0, generator=torch.Generator().manual_seed(1)
+    )
+    assert torch.equal(plain["t"], terms["t"]) and plain["mse"].max().item() < 1e-20
+
+
+def test_null_token_dropout_rate():
+    n, p = 200_000, 0.1
+    labels = torch.randint(0, 7, (n,))
+    dropped = drop_labels(labels, p, null_label=7, generator=torch.Generator().manual_seed(0))
+    rate = (dropped == 7).float().mean().item()
+    assert rate == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / n))
+    kept = dropped != 7
+    assert torch.equal(dropped[kept], labels[kept])
+    assert torch.equal(drop_labels(labels, 0.0, 7), labels)
+
+
+def test_loss_feeds_dropped_labels_to_the_model():
+    diffusion = GaussianDiffusion.from_schedule("linear")
+    model = RecordingModel()
+    n, p = 20_000, 0.25
+    diffusion_loss(
+        model,
+        diffusion,
+        torch.randn(n, 3, 1, 1),
+        torch.randint(0, 5, (n,)),
+        null_label=5,
+        p_uncond=p,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert (model.labels == 5).float().mean().item() == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / n))
+    assert model.t.min() >= 0 and model.t.max() < 1000
+
+
+def test_vlb_term_vanishes_at_the_true_posterior_and_trains_only_the_variance():
+    diffusion = GaussianDiffusion.from_schedule("linear", variance="learned_range")
+    x0, eps = torch.randn(2, 8, 3, 4, 4, dtype=torch.float64)
+    t = torch.tensor([1, 5, 50, 100, 400, 700, 900, 999])
+    z_t = diffusion.q_sample(x0, t, eps)
+    # Exact ε and v = −1 (Σ = β̃_t) give the true posterior: KL = 0 for t > 0.
+    exact = torch.cat([eps, -torch.ones_like(eps)], dim=1)
+    assert diffusion.vb_terms_bpd(exact, x0, z_t, t).abs().max().item() < 1e-9
+
+    output = torch.cat([eps + 0.1 * torch.randn_like(eps), torch.zeros_like(eps)], dim=1).requires_grad_(True)
+    terms = diffusion.loss_terms(output, x0, z_t, t, eps)
+    assert (terms["vb"] > 0).all()
+    (grad,) = torch.autograd.grad(terms["vb"].sum(), output)
+    assert grad[:, :3].abs().max().item() == 0 and grad[:, 3:].abs().max().item() > 0
+
+
+def test_timestep_quartile_sums():
+    t = torch.tensor([0, 249, 250, 999, 500, 750])
+    loss = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    sums, counts = timestep_quartile_sums(t, loss, 1000)
+    assert sums.tolist() == [3.0, 3.0, 5.0, 10.0] and counts.tolist() == [2, 1, 1, 2]
+
+
+# Guidance.
+
+
+def toy_conditional_model(z, t, labels):
+    """A stand-in conditional model with 2C outputs: depends on the label, time and input."""
+    eps = z * (labels.float() + 1).reshape(-1, 1, 1, 1) + t.float().reshape(-1, 1, 1, 1) / 1000
+    return torch.cat([eps, -eps], dim=1)
+
+
+def test_classifier_free_guidance_formula():
+    z, t, labels = torch.randn(4, 4, 2, 2), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 1])
+    cond, uncond = toy_conditional_model(z, t, labels), toy_conditional_model(z, t, torch.full_like(labels, 9))
+    zero = classifier_free_guidance(toy_conditional_model, labels, 9, 0.0)(z, t)
+    torch.testing.assert_close(zero, cond)
+    guided = classifier_free_guidance(toy_conditional_model, labels, 9, 2.0)(z, t)
+    # ε̃ = 3ε_c − 2ε_∅ on all four latent channels; the variance channels stay conditional.
+    torch.testing.assert_close(guided[:, :4], 3 * cond[:, :4] - 2 * uncond[:, :4])
+    torch.testing.assert_close(guided[:, 4:], cond[:, 4:])
+
+
+def test_classifier_free_guidance_uses_one_batched_forward():
+    calls = []
+
+    def model(z, t, labels):
+        calls.append(len(z))
+        return torch.zeros_like(z)
+
+    classifier_free_guidance(model, torch.tensor([0, 1, 2]), 3, 4.0)(torch.randn(3, 4, 2, 2), torch.tensor([5, 5, 5]))
+    assert calls == [6]
+
+
+def test_classifier_grad_of_a_linear_softmax():
+    """∇_z log softmax(Wz)_c = W_c − Σ_k p_k W_k."""
+    weight = torch.randn(5, 6, dtype=torch.float64)
+    classifier = lambda z, t, y: z.flatten(1) @ weight.T  # noqa: E731
+    z, labels = torch.randn(3, 6, dtype=torch.float64), torch.tensor([0, 4, 2])
+    probs = torch.softmax(z @ weight.T, dim=-1)
+    expected = weight[labels] - probs @ weight
+    torch.testing.assert_close(classifier_grad(classifier, labels)(z, torch.zeros(3)), expected)
+
+
+def test_classifier_guidance_formula():
+    diffusion = GaussianDiffusion.from_schedule("cosine")
+    z, t = torch.randn(2, 4, 2, 2, dtype=torch.float64), torch.tensor([10, 900])
+    model_fn = lambda z, t: torch.cat([z, 2 * z], dim=1)  # noqa: E731
+    grad = torch.randn_like(z)
+    guided = classifier_guidance(model_fn, lambda z, t: grad, diffusion.alphas_cumprod, 3.0)(z, t)
+    sigma = (1 - diffusion.alphas_cumprod[t]).sqrt().reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(guided[:, :4], z - 3.0 * sigma * grad)
+    torch.testing.assert_close(guided[:, 4:], 2 * z)
