@@ -1,0 +1,127 @@
+"""The dataset contract: manifest.json and the members of each sample in a tar shard.
+
+A dataset is a URL prefix holding manifest.json and tar shards (see DESIGN.md). Each
+sample has `__key__`, `latent.npy` (float16 moments — mean and log-variance stacked on
+the channel axis — or a single sample), `latent_flip.npy` when flips were encoded, `cls`
+(the class id as text, absent for unlabelled data) and `json` (source metadata).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+from .storage import filesystem, join, read_bytes, redact_url
+
+FORMAT = "diffusion-dist-latents"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as it is; the message names the URL and what to do."""
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def tar_bytes(samples: list[dict[str, Any]]) -> bytes:
+    """A tar shard of samples ({"__key__": str, member: bytes}), byte-identical for identical input.
+
+    Members are written in sorted order with a fixed mtime, owner and mode, so equal
+    samples always give equal bytes (and equal sha256) whatever machine wrote them.
+    """
+    buffer = io.BytesIO()
+    with wds.TarWriter(buffer, encoder=False, mtime=0, user="diffusion-dist", group="diffusion-dist") as writer:
+        for sample in samples:
+            writer.write(sample)
+    return buffer.getvalue()
+
+
+def iter_tar_samples(data: bytes) -> Iterator[dict[str, bytes]]:
+    """Samples of a tar shard in order: {"__key__": key, extension: bytes}."""
+    import tarfile
+
+    current: dict[str, Any] | None = None
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            directory, _, base = member.name.rpartition("/")
+            stem, _, extension = base.partition(".")
+            key = f"{directory}/{stem}" if directory else stem
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key}
+            current[extension] = tar.extractfile(member).read()
+    if current is not None:
+        yield current
+
+
+def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """Canonical JSON: sorted keys, fixed separators, so equal manifests are equal bytes."""
+    return (json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()
+
+
+REQUIRED = {
+    "format": str,
+    "version": int,
+    "codec": dict,
+    "latent": dict,
+    "num_samples": int,
+    "shards": list,
+}
+
+
+def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
+    """Check the manifest's structure; raise DatasetError naming the field at fault."""
+    if not isinstance(manifest, dict):
+        raise DatasetError(f"{where}: manifest is not a JSON object")
+    for key, kind in REQUIRED.items():
+        if not isinstance(manifest.get(key), kind):
+            raise DatasetError(f"{where}: manifest field {key!r} is missing or not a {kind.__name__}")
+    if manifest["format"] != FORMAT:
+        raise DatasetError(f"{where}: not a {FORMAT} manifest (format={manifest['format']!r})")
+    if manifest["version"] > FORMAT_VERSION:
+        raise DatasetError(
+            f"{where}: manifest version {manifest['version']} is newer than this code reads ({FORMAT_VERSION}); "
+            "upgrade diffusion-dist"
+        )
+    for i, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict) or not {"name", "samples", "bytes", "sha256"} <= shard.keys():
+            raise DatasetError(f"{where}: shard entry {i} lacks name/samples/bytes/sha256")
+    if sum(s["samples"] for s in manifest["shards"]) != manifest["num_samples"]:
+        raise DatasetError(f"{where}: num_samples does not equal the sum of shard sample counts")
+    return manifest
+
+
+def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The validated manifest of the dataset at `url`, or a DatasetError that says what is wrong."""
+    where = redact_url(url)
+    fs, root = filesystem(url, storage_options)
+    path = join(root, MANIFEST)
+    try:
+        data = read_bytes(fs, path)
+    except FileNotFoundError:
+        raise DatasetError(
+            f"{where}: no {MANIFEST}; encode a dataset there with python -m data_tools.encode_latents "
+            "(or finish a split run with --finalize)"
+        ) from None
+    try:
+        manifest = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where}: {MANIFEST} is not valid JSON ({e})") from None
+    return validate_manifest(manifest, where)

@@ -1,0 +1,100 @@
+"""Object storage through fsspec: URLs, retries with backoff, atomic writes, safe messages."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors that retrying cannot fix: fail at once with the path in the message.
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
+    """The fsspec filesystem for `url` and the path inside it (bucket/key for s3://, absolute for local)."""
+    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    return fs, path.rstrip("/") if path not in ("/", "") else path
+
+
+def join(root: str, *parts: str) -> str:
+    """`root/part/...` with single slashes, for local and object-store paths alike."""
+    return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def redact_url(url: str) -> str:
+    """The URL without user:password@ and without a query string (signatures, tokens)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = "<redacted>" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+_CREDENTIAL_IN_TEXT = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+
+
+def redact_text(text: str) -> str:
+    """An error message with credentials in any embedded URL removed."""
+    return _CREDENTIAL_IN_TEXT.sub(r"\1", text)
+
+
+def retry(
+    fn: Callable[[], T],
+    what: str,
+    attempts: int = 5,
+    base_delay: float = 0.5,
+    max_delay: float = 30.0,
+) -> T:
+    """Call fn, retrying transient OSErrors with exponential backoff; the last error names `what`."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except PERMANENT_ERRORS:
+            raise
+        except OSError as e:
+            if attempt == attempts:
+                raise OSError(f"{what}: failed after {attempts} attempts: {redact_text(str(e))}") from e
+            delay = min(base_delay * 2 ** (attempt - 1), max_delay)
+            log.warning("%s: %s; retrying in %.1f s (%d/%d)", what, redact_text(str(e)), delay, attempt, attempts)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` so that `path` never holds a partial file.
+
+    Local files are written under a temporary name and renamed. Object stores publish an
+    object only when its PUT (or multipart upload) completes, so they are written directly.
+    """
+
+    def attempt() -> None:
+        if is_local(fs):
+            parent, _, name = path.rpartition("/")
+            fs.makedirs(parent, exist_ok=True)
+            temporary = f"{parent}/.{name}.partial"
+            fs.pipe_file(temporary, data)
+            fs.mv(temporary, path)
+        else:
+            fs.pipe_file(path, data)
+
+    retry(attempt, what=f"writing {redact_url(fs.unstrip_protocol(path))}")
+
+
+def read_bytes(fs: AbstractFileSystem, path: str) -> bytes:
+    """The whole object at `path`, with retries."""
+    return retry(lambda: fs.cat_file(path), what=f"reading {redact_url(fs.unstrip_protocol(path))}")
