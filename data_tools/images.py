@@ -1,0 +1,247 @@
+"""Image inputs for encode_latents: image folders and img2dataset-style tar shards, on any fsspec URL.
+
+Work is split into units that every part of a split run computes identically: a folder's
+sorted files in chunks of --shard-size, or one input tar each. Units are read inside the
+process that decodes them (s3fs is not fork-safe), and decoded images are center-cropped and
+resized with ADM's recipe.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from braceexpand import braceexpand
+from PIL import Image, UnidentifiedImageError
+
+from diffusion_dist.data.storage import filesystem, join, redact_url, retry
+
+IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes
+
+
+class InputError(ValueError):
+    """An input that cannot be encoded; raised before anything is written."""
+
+
+class BadImage(Exception):
+    """One source item that cannot be decoded; it is skipped and listed with this reason."""
+
+
+@dataclass
+class RawItem:
+    """A source item before decoding."""
+
+    key: str  # the sample's __key__: stable, derived from the source item
+    source: str  # where it came from, for messages and the manifest's skip list
+    label: int | None
+    data: bytes | None = None  # None: could not be read (see reason)
+    caption: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class ImageSource:
+    """Base of the two input kinds: a URL, its storage options, and a per-process filesystem."""
+
+    url: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    class_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self._fs = None
+        self._fs_pid = -1
+
+    def filesystem(self):
+        # Created in the process that uses it: filesystems must not cross a fork.
+        if self._fs_pid != os.getpid():
+            self._fs, _ = filesystem(self.url, self.storage_options)
+            self._fs_pid = os.getpid()
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None, "_fs_pid": -1}
+
+
+@dataclass
+class FolderSource(ImageSource):
+    """An image folder: class subfolders (sorted names give labels, ImageNet layout) or flat (unlabelled)."""
+
+    root: str = ""  # the folder's path inside its filesystem
+    files: list[str] = field(default_factory=list)  # relative paths, sorted
+    shard_size: int = 1000
+
+    @classmethod
+    def open(cls, url: str, storage_options: Mapping[str, Any], shard_size: int) -> FolderSource:
+        fs, root = filesystem(url, storage_options)
+        where = redact_url(url)
+        if not fs.isdir(root):
+            raise InputError(f"--input {where}: no such folder (or it is not a folder)")
+        paths = sorted(fs.find(root))
+        files = [p[len(root) :].lstrip("/") for p in paths if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+        if not files:
+            raise InputError(
+                f"--input {where}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder or below"
+            )
+        nested = {f.split("/", 1)[0] for f in files if "/" in f}
+        if nested and any("/" not in f for f in files):
+            raise InputError(
+                f"--input {where}: images both at the top level and in subfolders; use class subfolders only "
+                "(labelled) or a flat folder (unlabelled)"
+            )
+        keys: dict[str, str] = {}
+        for f in files:
+            key = _key_for(f)
+            if key in keys:
+                raise InputError(f"--input {where}: {keys[key]!r} and {f!r} map to the same sample key {key!r}")
+            keys[key] = f
+        return cls(url, dict(storage_options), sorted(nested) if nested else None, root, files, shard_size)
+
+    @property
+    def num_units(self) -> int:
+        return -(-len(self.files) // self.shard_size)
+
+    def unit_size(self, unit: int) -> int:
+        return len(self.files[unit * self.shard_size : (unit + 1) * self.shard_size])
+
+    def iter_unit(self, unit: int) -> Iterator[RawItem]:
+        fs = self.filesystem()
+        labels = {name: i for i, name in enumerate(self.class_names or [])}
+        for relative in self.files[unit * self.shard_size : (unit + 1) * self.shard_size]:
+            label = labels[relative.split("/", 1)[0]] if self.class_names else None
+            item = RawItem(_key_for(relative), relative, label)
+            try:
+                item.data = retry(lambda r=relative: fs.cat_file(join(self.root, r)), what=f"reading {relative}")
+            except OSError as e:
+                item.reason = f"unreadable: {type(e).__name__}"
+            yield item
+
+
+@dataclass
+class TarSource(ImageSource):
+    """WebDataset image shards as img2dataset writes them: an image member plus optional cls, json, txt."""
+
+    urls: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, url: str, storage_options: Mapping[str, Any]) -> TarSource:
+        urls = list(braceexpand(url))
+        fs, _ = filesystem(urls[0], storage_options)
+        missing = [u for u in urls if not fs.exists(filesystem(u, storage_options)[1])]
+        if missing:
+            shown = ", ".join(redact_url(u) for u in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise InputError(f"--input: {len(missing)} of {len(urls)} tar shards do not exist: {shown}")
+        return cls(url, dict(storage_options), None, urls)
+
+    @property
+    def num_units(self) -> int:
+        return len(self.urls)
+
+    def unit_size(self, unit: int) -> int | None:
+        return None  # known only once the tar is read
+
+    def iter_unit(self, unit: int) -> Iterator[RawItem]:
+        url = self.urls[unit]
+        fs = self.filesystem()
+        path = filesystem(url, self.storage_options)[1]
+        shard = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar")
+        members: dict[str, dict[str, bytes]] = {}
+        order: list[str] = []
+        try:
+            # One sequential GET stream per shard, with a large read-ahead block.
+            with fs.open(path, "rb", block_size=16 * 2**20) as stream:
+                with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        directory, _, base = member.name.rpartition("/")
+                        stem, _, extension = base.partition(".")
+                        name = f"{directory}/{stem}" if directory else stem
+                        if name not in members:
+                            order.append(name)
+                            members[name] = {}
+                        members[name][extension.lower()] = tar.extractfile(member).read()
+        except (OSError, tarfile.TarError) as e:
+            # A truncated or unreadable tar: what was read before the error is still encoded.
+            yield RawItem(f"{shard}/_unreadable", f"{redact_url(url)}", None, reason=f"unreadable tar: {e}")
+            if not members:
+                return
+        for name in order:
+            parts = members[name]
+            key = _key_for(f"{shard}/{name}")
+            image = next((parts[e] for e in TAR_IMAGE_EXTENSIONS if e in parts), None)
+            label = int(parts["cls"].decode().strip()) if "cls" in parts else None
+            caption = parts["txt"].decode("utf-8", "replace") if "txt" in parts else None
+            if caption is None and "json" in parts:
+                try:
+                    caption = json.loads(parts["json"]).get("caption")
+                except (ValueError, AttributeError):
+                    pass
+            reason = None if image is not None else "no image member (jpg/jpeg/png/webp)"
+            yield RawItem(key, f"{shard}/{name}", label, image, caption, reason)
+
+
+def open_source(url: str, storage_options: Mapping[str, Any], shard_size: int) -> FolderSource | TarSource:
+    """A tar-shard source when the URL names .tar files (brace patterns allowed), else an image folder."""
+    if url.rstrip("/").endswith(".tar") or ".tar}" in url or url.endswith(".tar}"):
+        return TarSource.open(url, storage_options)
+    return FolderSource.open(url, storage_options, shard_size)
+
+
+def _key_for(relative_path: str) -> str:
+    """A WebDataset key: the path without its extension, with no '.' (the member-extension separator)."""
+    stem = relative_path.rsplit(".", 1)[0] if "." in relative_path.rsplit("/", 1)[-1] else relative_path
+    return stem.replace(".", "_")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """An RGB PIL image from encoded bytes, or BadImage with the reason.
+
+    Grayscale, CMYK, palette and 16-bit images are converted; transparency is composited
+    onto white, so transparent pixels do not become arbitrary colours.
+    """
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage("too many pixels (decompression bomb guard)") from None
+    except UnidentifiedImageError:
+        raise BadImage("not a readable image") from None
+    except OSError as e:
+        raise BadImage("truncated" if "truncated" in str(e) else f"decode error: {e}") from None
+    except (SyntaxError, ValueError, EOFError) as e:
+        raise BadImage(f"decode error: {e}") from None
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit or wider grayscale: PIL's convert("RGB") would clip, not scale.
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 / 65535.0 if image.mode != "F" and array.max() > 255 else 1.0
+        image = Image.fromarray(np.clip(array * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def center_crop_resize(image: Image.Image, resolution: int) -> np.ndarray:
+    """ADM's preprocessing: halve with a box filter while the short side is >= 2× the target, resize the
+    short side to `resolution` with bicubic filtering, then center-crop. Returns (R, R, 3) uint8."""
+    while min(image.size) >= 2 * resolution:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = resolution / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    array = np.asarray(image)
+    top, left = (array.shape[0] - resolution) // 2, (array.shape[1] - resolution) // 2
+    return array[top : top + resolution, left : left + resolution]

@@ -1,0 +1,125 @@
+"""Check a latent dataset against its manifest; optionally decode samples back to an image grid.
+
+python -m data_tools.inspect_shards URL [--grid out.png --n 64] [--storage-options JSON]
+
+Checks every shard's presence, byte size, sha256, sample count, members, latent shape and
+dtype, and finite values. Prints a summary and exits 1 on any mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from data_tools import progress_interval
+from diffusion_dist.codecs import codec_from_manifest
+from diffusion_dist.data.manifest import DatasetError, decode_npy, iter_tar_samples, load_manifest
+from diffusion_dist.data.storage import filesystem, join, read_bytes, redact_text, redact_url
+
+
+def check_shard(data: bytes, entry: dict[str, Any], manifest: dict[str, Any]) -> tuple[list[str], list[dict]]:
+    """Problems found in one shard's bytes, and its samples (decoded members)."""
+    problems = []
+    if len(data) != entry["bytes"]:
+        problems.append(f"{len(data)} bytes, manifest says {entry['bytes']}")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        problems.append("sha256 differs from the manifest")
+    try:
+        samples = list(iter_tar_samples(data))
+    except Exception as e:  # noqa: BLE001 - any failure to parse is a finding, not a crash
+        return [*problems, f"not a readable tar: {e}"], []
+    if len(samples) != entry["samples"]:
+        problems.append(f"{len(samples)} samples, manifest says {entry['samples']}")
+    shape = tuple(manifest["latent"]["shape"])
+    members = ["latent.npy"] + (["latent_flip.npy"] if manifest["latent"].get("flip") else [])
+    for sample in samples:
+        for member in members:
+            if member not in sample:
+                problems.append(f"{sample['__key__']}: no {member}")
+                continue
+            array = decode_npy(sample[member])
+            if array.shape != shape or array.dtype != np.float16:
+                problems.append(
+                    f"{sample['__key__']}: {member} is {array.dtype}{list(array.shape)}, "
+                    f"manifest says float16{list(shape)}"
+                )
+            elif not np.isfinite(array).all():
+                problems.append(f"{sample['__key__']}: {member} holds NaN or inf")
+    return problems, samples
+
+
+def decode_grid(samples: list[dict], manifest: dict[str, Any], n: int, path: str) -> None:
+    """Decode the posterior means of the first n samples and save them as one image grid."""
+    codec = codec_from_manifest(manifest["codec"])
+    latents = torch.from_numpy(np.stack([decode_npy(s["latent.npy"]) for s in samples[:n]])).float()
+    if manifest["latent"]["moments"]:
+        latents = latents.chunk(2, dim=1)[0]  # the mean of [mean, log-variance]
+    images = codec.decode(latents).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    h, w = images.shape[1:3]
+    grid = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        grid[(i // columns) * h : (i // columns + 1) * h, (i % columns) * w : (i % columns + 1) * w] = image
+    Image.fromarray(grid).save(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_tools.inspect_shards", description=__doc__.splitlines()[0])
+    parser.add_argument("url", help="dataset prefix holding manifest.json")
+    parser.add_argument("--grid", default=None, help="write decoded samples to this PNG")
+    parser.add_argument("--n", type=int, default=64, help="samples in the grid")
+    parser.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
+    args = parser.parse_args(argv)
+    try:
+        manifest = load_manifest(args.url, args.storage_options)
+    except (DatasetError, OSError) as e:
+        print(f"error: {redact_text(str(e))}", file=sys.stderr)
+        return 1
+    fs, root = filesystem(args.url, args.storage_options)
+    problems: dict[str, list[str]] = {}
+    grid_samples: list[dict] = []
+    total_bytes = 0
+    for entry in tqdm(manifest["shards"], unit="shard", desc="inspect", mininterval=progress_interval()):
+        try:
+            data = read_bytes(fs, join(root, entry["name"]))
+        except OSError as e:
+            problems[entry["name"]] = [f"cannot read: {redact_text(str(e))}"]
+            continue
+        total_bytes += len(data)
+        found, samples = check_shard(data, entry, manifest)
+        if found:
+            problems[entry["name"]] = found
+        if args.grid and len(grid_samples) < args.n:
+            grid_samples.extend(samples[: args.n - len(grid_samples)])
+
+    labels = manifest.get("labels", {})
+    print(
+        f"{redact_url(args.url)}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
+        f"({total_bytes / 2**20:.1f} MiB); codec {manifest['codec']['name']}"
+        f" (scaling {manifest['codec']['scaling_factor']}); latent {manifest['latent']['layout']} "
+        f"{manifest['latent']['shape']} float16{' + flips' if manifest['latent'].get('flip') else ''}; "
+        f"{labels.get('num_classes', 0)} classes; {len(manifest.get('skipped', []))} inputs skipped at encoding"
+    )
+    for name, found in problems.items():
+        for problem in found[:10]:
+            print(f"MISMATCH {name}: {problem}")
+    if args.grid and grid_samples:
+        decode_grid(grid_samples, manifest, args.n, args.grid)
+        print(f"grid of {min(args.n, len(grid_samples))} decoded samples: {args.grid}")
+    print("OK" if not problems else f"{len(problems)} of {len(manifest['shards'])} shards have problems")
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
