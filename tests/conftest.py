@@ -1,11 +1,52 @@
-"""Shared test setup: CPU-only DeepSpeed, deterministic torch."""
+"""Shared test setup: CPU-only DeepSpeed, deterministic torch, real services on loopback."""
+
+from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+ROOT = Path(__file__).parents[1]
+
+# Canary credentials: tests plant them and check they appear in nothing that is written or logged.
+CANARY_KEY_ID = "AKIACANARYKEYID00001"
+CANARY_SECRET = "canary-secret-4f1c9e"
+
+
+def require_service(available: bool, reason: str) -> None:
+    """Skip a test whose service is missing; in CI (DIFFUSION_DIST_REQUIRE_SERVICES=1) fail instead."""
+    if available:
+        return
+    if os.environ.get("DIFFUSION_DIST_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"required service unavailable: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.2)
+    return False
 
 
 @pytest.fixture(autouse=True)
@@ -15,3 +56,50 @@ def _deterministic_torch():
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(False)
+
+
+@dataclass
+class S3:
+    endpoint: str
+    bucket: str
+
+    @property
+    def storage_options(self) -> dict:
+        return {"client_kwargs": {"endpoint_url": self.endpoint}}
+
+    def url(self, *parts: str) -> str:
+        return "s3://" + "/".join([self.bucket, *parts])
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A moto S3 server on loopback in its own process, reached through s3fs's endpoint URL."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        require_service(False, "moto[server] is not installed (pip install -e '.[dev]')")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    if not wait_for_port(port, process):
+        process.kill()
+        require_service(False, f"moto server did not start on 127.0.0.1:{port}")
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket; the AWS credential variables hold canaries (moto accepts any credentials)."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CANARY_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY_SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    return S3(s3_server, bucket)
