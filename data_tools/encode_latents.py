@@ -33,14 +33,8 @@ from tqdm.auto import tqdm
 
 from diffusion_dist import __version__
 from diffusion_dist.codecs import PRECISIONS, Codec, load_codec
-from diffusion_dist.data.manifest import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    encode_npy,
-    manifest_bytes,
-    tar_bytes,
-)
+from diffusion_dist.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, manifest_bytes
+from diffusion_dist.data.shards import encode_npy, tar_bytes
 from diffusion_dist.data.storage import (
     filesystem,
     is_local,
@@ -198,8 +192,13 @@ def unit_is_done(record: dict[str, Any] | None, encoding: dict[str, Any], sizes:
     )
 
 
-def finalize(fs, root: str, encoding: dict[str, Any], source_info: dict[str, Any]) -> list[int]:
-    """Write manifest.json from all unit records; return the units that have none yet (then nothing is written)."""
+def finalize(
+    fs, root: str, encoding: dict[str, Any], class_names: list[str] | None
+) -> tuple[dict[str, Any] | None, list[int]]:
+    """Write manifest.json from all unit records: (the manifest, []), or (None, units without a record yet).
+
+    Shards and records left by an earlier run with other settings (--overwrite with another
+    --shard-size, say) are deleted here, when every unit is done and nothing else writes."""
     fs.invalidate_cache()
     records, missing = [], []
     for unit in range(encoding["num_units"]):
@@ -209,10 +208,9 @@ def finalize(fs, root: str, encoding: dict[str, Any], source_info: dict[str, Any
         else:
             records.append(record)
     if missing:
-        return missing
+        return None, missing
     shards = [s for r in records for s in r["shards"]]
     labelled = any(r["labelled"] for r in records)
-    class_names = source_info["class_names"]
     max_label = max((r["max_label"] for r in records if r["max_label"] is not None), default=-1)
     manifest = {
         "format": FORMAT,
@@ -231,7 +229,32 @@ def finalize(fs, root: str, encoding: dict[str, Any], source_info: dict[str, Any
         "tool": {"name": "data_tools.encode_latents", "version": __version__, "args": encoding["args"]},
     }
     write_atomic(fs, join(root, MANIFEST), manifest_bytes(manifest))
-    return []
+    remove_stale_files(fs, root, {s["name"] for s in shards}, encoding["num_units"])
+    return manifest, []
+
+
+def remove_stale_files(fs, root: str, shards: set[str], num_units: int) -> None:
+    """Delete shards the manifest does not list and records of units beyond num_units."""
+    current_records = {record_path(root, u).rsplit("/", 1)[-1] for u in range(num_units)}
+    stale = [p for p in fs.find(root, maxdepth=1) if p.endswith(".tar") and p.rsplit("/", 1)[-1] not in shards]
+    if fs.exists(join(root, PARTS)):
+        stale += [p for p in fs.find(join(root, PARTS)) if p.rsplit("/", 1)[-1] not in current_records]
+    for path in stale:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass  # another part finalizing at the same time removed it
+
+
+def json_options(text: str) -> dict[str, Any]:
+    """--storage-options value; the error names the problem but never echoes the text (it may hold secrets)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -272,13 +295,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finalize", action="store_true", help="only write the manifest from finished parts")
     parser.add_argument(
         "--storage-options",
-        type=json.loads,
+        type=json_options,
         default={},
         help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'',
     )
     parser.add_argument(
         "--input-storage-options",
-        type=json.loads,
+        type=json_options,
         default=None,
         help="fsspec options for --input when they differ from --storage-options",
     )
@@ -308,7 +331,9 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def encoding_settings(args, source, codec: Codec, precision: str) -> dict[str, Any]:
-    """Everything that determines the output bytes; parts and reruns must agree on all of it."""
+    """Everything that determines the output bytes; parts and reruns must agree on all of it.
+
+    The input is recorded as an absolute URL, so `data/x`, `data/x/` and `/abs/data/x` agree."""
     side = args.resolution // codec.downsample
     channels = codec.latent_channels * (2 if codec.moments else 1)
     return {
@@ -324,7 +349,7 @@ def encoding_settings(args, source, codec: Codec, precision: str) -> dict[str, A
         "num_units": source.num_units,
         # Recorded in the manifest: never credentials, never options that do not change the bytes.
         "args": {
-            "input": redact_url(args.input),
+            "input": redact_url(source.canonical_url()),
             "vae": args.vae,
             "vae_subfolder": args.vae_subfolder,
             "resolution": args.resolution,
@@ -336,29 +361,27 @@ def encoding_settings(args, source, codec: Codec, precision: str) -> dict[str, A
     }
 
 
-def refuse_other_settings(fs, root: str, encoding: dict[str, Any], units: list[int], output: str) -> None:
+def previous_settings(fs, root: str) -> dict[str, Any] | None:
+    """The encoding settings of a finished dataset already at the output, if any."""
+    if not fs.exists(join(root, MANIFEST)):
+        return None
+    manifest = json.loads(read_bytes(fs, join(root, MANIFEST)))
+    return {
+        "codec": manifest.get("codec"),
+        "latent": manifest.get("latent"),
+        "resolution": manifest.get("resolution"),
+        "args": manifest.get("tool", {}).get("args"),
+    }
+
+
+def refuse_other_settings(previous: dict[str, Any], encoding: dict[str, Any], output: str) -> None:
     """Stop before writing if the output holds data encoded with other settings."""
-    existing = []
-    if fs.exists(join(root, MANIFEST)):
-        manifest = json.loads(read_bytes(fs, join(root, MANIFEST)))
-        previous = {
-            "codec": manifest.get("codec"),
-            "latent": manifest.get("latent"),
-            "resolution": manifest.get("resolution"),
-            "args": manifest.get("tool", {}).get("args"),
-        }
-        existing.append(previous)
-    for unit in units[:1]:
-        record = read_record(fs, root, unit)
-        if record is not None:
-            existing.append(record["encoding"])
-    for previous in existing:
-        differences = _differences(previous, {k: encoding[k] for k in previous})
-        if differences:
-            raise InputError(
-                f"--output {redact_url(output)} already holds latents encoded with other settings "
-                f"({'; '.join(differences[:6])}). Choose another --output, or pass --overwrite to replace them"
-            )
+    differences = _differences(previous, {k: encoding[k] for k in previous})
+    if differences:
+        raise InputError(
+            f"--output {redact_url(output)} already holds latents encoded with other settings "
+            f"({'; '.join(differences[:6])}). Choose another --output, or pass --overwrite to replace them"
+        )
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -390,10 +413,9 @@ def encode_part(args: argparse.Namespace) -> int:
             f"--resolution {args.resolution} must be a multiple of the VAE's downsampling factor {codec.downsample}"
         )
     encoding = encoding_settings(args, source, codec, precision)
-    source_info = {"class_names": source.class_names}
 
     if args.finalize:
-        missing = finalize(fs, root, encoding, source_info)
+        _, missing = finalize(fs, root, encoding, source.class_names)
         if missing:
             raise InputError(
                 f"--finalize: {len(missing)} of {encoding['num_units']} units are not encoded yet "
@@ -406,11 +428,17 @@ def encode_part(args: argparse.Namespace) -> int:
     if args.overwrite:
         if fs.exists(join(root, MANIFEST)):
             fs.rm_file(join(root, MANIFEST))
-    else:
-        refuse_other_settings(fs, root, encoding, my_units, args.output)
+    elif (previous := previous_settings(fs, root)) is not None:
+        refuse_other_settings(previous, encoding, args.output)
 
     sizes = shard_sizes(fs, root)
-    todo = [u for u in my_units if args.overwrite or not unit_is_done(read_record(fs, root, u), encoding, sizes)]
+    todo = []
+    for unit in my_units:
+        record = read_record(fs, root, unit)
+        if record is not None and record["encoding"] != encoding and not args.overwrite:
+            refuse_other_settings(record["encoding"], encoding, args.output)
+        if args.overwrite or not unit_is_done(record, encoding, sizes):
+            todo.append(unit)
     log.info(
         "part %d/%d: %d units, %d already done, %d to encode",
         rank,
@@ -422,7 +450,7 @@ def encode_part(args: argparse.Namespace) -> int:
 
     stats = encode_units(args, source, codec, todo, fs, root, encoding)
 
-    missing = finalize(fs, root, encoding, source_info)
+    manifest, missing = finalize(fs, root, encoding, source.class_names)
     elapsed = time.perf_counter() - start
     reasons = Counter(s["reason"].split(":")[0] for s in stats["skipped"])
     print(
@@ -439,6 +467,12 @@ def encode_part(args: argparse.Namespace) -> int:
             "running; the last part to finish writes it (or run with --finalize)",
             file=sys.stderr,
         )
+    elif manifest["num_samples"] == 0:
+        print(
+            "error: no input image could be encoded; the manifest lists every skipped input with its reason",
+            file=sys.stderr,
+        )
+        return 1
     else:
         print(f"manifest: {redact_url(join(args.output, MANIFEST))}", file=sys.stderr)
     return 0

@@ -21,7 +21,7 @@ import numpy as np
 from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
 
-from diffusion_dist.data.storage import filesystem, join, redact_url, retry
+from diffusion_dist.data.storage import PERMANENT_ERRORS, filesystem, join, redact_text, redact_url, retry
 
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes
@@ -52,7 +52,7 @@ class ImageSource:
     """Base of the two input kinds: a URL, its storage options, and a per-process filesystem."""
 
     url: str
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials
     class_names: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -65,6 +65,12 @@ class ImageSource:
             self._fs, _ = filesystem(self.url, self.storage_options)
             self._fs_pid = os.getpid()
         return self._fs
+
+    def canonical_url(self) -> str:
+        """The input as an absolute URL (protocol included), whatever spelling the user gave."""
+        head, brace, tail = self.url.partition("{")  # brace patterns are kept as written
+        fs, path = filesystem(head, self.storage_options)
+        return fs.unstrip_protocol(path) + ("/" if brace and head.endswith("/") else "") + brace + tail
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fs": None, "_fs_pid": -1}
@@ -119,7 +125,9 @@ class FolderSource(ImageSource):
             item = RawItem(_key_for(relative), relative, label)
             try:
                 item.data = retry(lambda r=relative: fs.cat_file(join(self.root, r)), what=f"reading {relative}")
-            except OSError as e:
+            except PERMANENT_ERRORS as e:
+                # Bad input (vanished, permission denied): skipped and listed. Transient storage
+                # errors that outlast the retries propagate and stop the run instead.
                 item.reason = f"unreadable: {type(e).__name__}"
             yield item
 
@@ -129,6 +137,7 @@ class TarSource(ImageSource):
     """WebDataset image shards as img2dataset writes them: an image member plus optional cls, json, txt."""
 
     urls: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # each tar's path below the shards' common folder
 
     @classmethod
     def open(cls, url: str, storage_options: Mapping[str, Any]) -> TarSource:
@@ -138,7 +147,12 @@ class TarSource(ImageSource):
         if missing:
             shown = ", ".join(redact_url(u) for u in missing[:3]) + (" ..." if len(missing) > 3 else "")
             raise InputError(f"--input: {len(missing)} of {len(urls)} tar shards do not exist: {shown}")
-        return cls(url, dict(storage_options), None, urls)
+        # Keys derive from the path below the common folder, so train/0.tar and val/0.tar differ.
+        common = os.path.commonprefix(urls).rpartition("/")[0]
+        names = [u[len(common) :].strip("/").removesuffix(".tar") for u in urls]
+        if len(set(names)) != len(names):
+            raise InputError("--input: the brace pattern names the same tar shard twice")
+        return cls(url, dict(storage_options), None, urls, names)
 
     @property
     def num_units(self) -> int:
@@ -148,49 +162,53 @@ class TarSource(ImageSource):
         return None  # known only once the tar is read
 
     def iter_unit(self, unit: int) -> Iterator[RawItem]:
-        url = self.urls[unit]
-        fs = self.filesystem()
-        path = filesystem(url, self.storage_options)[1]
-        shard = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar")
+        url, shard = self.urls[unit], self.names[unit]
+        fs, path = self.filesystem(), filesystem(url, self.storage_options)[1]
+        # One GET for the whole tar, retried from the start on transient errors; a read that
+        # still fails stops the run (naming the tar) rather than silently dropping its images.
+        data = retry(lambda: fs.cat_file(path), what=f"reading {redact_url(url)}")
         members: dict[str, dict[str, bytes]] = {}
-        order: list[str] = []
         try:
-            # One sequential GET stream per shard, with a large read-ahead block.
-            with fs.open(path, "rb", block_size=16 * 2**20) as stream:
-                with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                    for member in tar:
-                        if not member.isfile():
-                            continue
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                for member in tar:
+                    if member.isfile():
                         directory, _, base = member.name.rpartition("/")
                         stem, _, extension = base.partition(".")
                         name = f"{directory}/{stem}" if directory else stem
-                        if name not in members:
-                            order.append(name)
-                            members[name] = {}
-                        members[name][extension.lower()] = tar.extractfile(member).read()
-        except (OSError, tarfile.TarError) as e:
-            # A truncated or unreadable tar: what was read before the error is still encoded.
-            yield RawItem(f"{shard}/_unreadable", f"{redact_url(url)}", None, reason=f"unreadable tar: {e}")
-            if not members:
-                return
-        for name in order:
-            parts = members[name]
-            key = _key_for(f"{shard}/{name}")
-            image = next((parts[e] for e in TAR_IMAGE_EXTENSIONS if e in parts), None)
-            label = int(parts["cls"].decode().strip()) if "cls" in parts else None
-            caption = parts["txt"].decode("utf-8", "replace") if "txt" in parts else None
-            if caption is None and "json" in parts:
-                try:
-                    caption = json.loads(parts["json"]).get("caption")
-                except (ValueError, AttributeError):
-                    pass
-            reason = None if image is not None else "no image member (jpg/jpeg/png/webp)"
-            yield RawItem(key, f"{shard}/{name}", label, image, caption, reason)
+                        members.setdefault(name, {})[extension.lower()] = tar.extractfile(member).read()
+        except tarfile.TarError as e:
+            # Complete bytes that are not a valid tar: bad input, deterministic. The samples read
+            # before the damage are kept, except the last, which may have lost members.
+            yield RawItem(f"{shard}/_damaged", redact_url(url), None, reason=f"damaged tar: {redact_text(str(e))}")
+            if members:
+                members.popitem()
+        for name, parts in members.items():
+            yield self._item(shard, name, parts)
+
+    @staticmethod
+    def _item(shard: str, name: str, parts: dict[str, bytes]) -> RawItem:
+        item = RawItem(_key_for(f"{shard}/{name}"), f"{shard}/{name}", None)
+        item.data = next((parts[e] for e in TAR_IMAGE_EXTENSIONS if e in parts), None)
+        if item.data is None:
+            item.reason = "no image member (jpg/jpeg/png/webp)"
+        if "cls" in parts:
+            try:
+                item.label = int(parts["cls"].decode().strip())
+            except ValueError:
+                item.reason = f"bad cls label {parts['cls'][:20]!r}"
+        if "txt" in parts:
+            item.caption = parts["txt"].decode("utf-8", "replace")
+        elif "json" in parts:
+            try:
+                item.caption = json.loads(parts["json"]).get("caption")
+            except (ValueError, AttributeError):
+                pass
+        return item
 
 
 def open_source(url: str, storage_options: Mapping[str, Any], shard_size: int) -> FolderSource | TarSource:
     """A tar-shard source when the URL names .tar files (brace patterns allowed), else an image folder."""
-    if url.rstrip("/").endswith(".tar") or ".tar}" in url or url.endswith(".tar}"):
+    if url.rstrip("/").endswith(".tar") or ".tar}" in url:
         return TarSource.open(url, storage_options)
     return FolderSource.open(url, storage_options, shard_size)
 
@@ -224,10 +242,11 @@ def decode_image(data: bytes) -> Image.Image:
         raise BadImage(f"decode error: {e}") from None
 
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit or wider grayscale: PIL's convert("RGB") would clip, not scale.
-        array = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if image.mode != "F" and array.max() > 255 else 1.0
-        image = Image.fromarray(np.clip(array * scale + 0.5, 0, 255).astype(np.uint8), "L")
+        # Deep grayscale: PIL's convert("RGB") would clip, not scale. Integer modes hold 16-bit
+        # samples (PNG, TIFF); float images are taken to lie in [0, 1].
+        scale = 255.0 if image.mode == "F" else 255.0 / 65535.0
+        array = np.asarray(image, dtype=np.float64) * scale
+        image = Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -237,7 +256,16 @@ def decode_image(data: bytes) -> Image.Image:
 
 def center_crop_resize(image: Image.Image, resolution: int) -> np.ndarray:
     """ADM's preprocessing: halve with a box filter while the short side is >= 2× the target, resize the
-    short side to `resolution` with bicubic filtering, then center-crop. Returns (R, R, 3) uint8."""
+    short side to `resolution` with bicubic filtering, then center-crop. Returns (R, R, 3) uint8.
+
+    Images longer than twice their width (or the reverse) are first cut to 2:1 around the
+    centre: the crop keeps only the central square anyway, and a 1×20000 banner would
+    otherwise be resized to gigapixels."""
+    width, height = image.size
+    if max(width, height) > 2 * min(width, height):
+        keep = 2 * min(width, height)
+        left, top = (width - min(width, keep)) // 2, (height - min(height, keep)) // 2
+        image = image.crop((left, top, left + min(width, keep), top + min(height, keep)))
     while min(image.size) >= 2 * resolution:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
     scale = resolution / min(image.size)

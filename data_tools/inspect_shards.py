@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from data_tools import progress_interval
 from diffusion_dist.codecs import codec_from_manifest
-from diffusion_dist.data.manifest import DatasetError, decode_npy, iter_tar_samples, load_manifest
+from diffusion_dist.data.manifest import DatasetError, load_manifest
+from diffusion_dist.data.shards import decode_npy, iter_tar_samples
 from diffusion_dist.data.storage import filesystem, join, read_bytes, redact_text, redact_url
 
 
@@ -47,7 +48,11 @@ def check_shard(data: bytes, entry: dict[str, Any], manifest: dict[str, Any]) ->
             if member not in sample:
                 problems.append(f"{sample['__key__']}: no {member}")
                 continue
-            array = decode_npy(sample[member])
+            try:
+                array = decode_npy(sample[member])
+            except ValueError as e:
+                problems.append(f"{sample['__key__']}: {member} is not a readable .npy ({e})")
+                continue
             if array.shape != shape or array.dtype != np.float16:
                 problems.append(
                     f"{sample['__key__']}: {member} is {array.dtype}{list(array.shape)}, "

@@ -20,7 +20,7 @@ from PIL import Image
 from data_tools import encode_latents, inspect_shards
 from data_tools.make_digits import write_digits
 from diffusion_dist.codecs import PixelCodec
-from diffusion_dist.data.manifest import decode_npy, iter_tar_samples
+from diffusion_dist.data.shards import decode_npy, iter_tar_samples
 from tests.conftest import CANARY_KEY_ID, CANARY_SECRET, ROOT
 
 
@@ -134,8 +134,22 @@ def test_output_bytes_do_not_depend_on_worker_count(digits, tiny_vae, tmp_path):
     assert files(tmp_path / "w0") == files(tmp_path / "w2")
 
 
-def test_split_run_writes_the_single_run_manifest(digits, tmp_path, capsys):
-    common = ["--input", digits, "--vae", "pixel", "--resolution", 8, "--shard-size", 40, "--num-workers", 1]
+def test_split_run_writes_the_single_run_manifest(digits, tiny_vae, tmp_path, capsys):
+    # A real VAE, so that any difference in batch composition between the runs would show in the bytes.
+    common = [
+        "--input",
+        digits,
+        "--vae",
+        tiny_vae,
+        "--resolution",
+        16,
+        "--shard-size",
+        40,
+        "--batch-size",
+        16,
+        "--num-workers",
+        1,
+    ]
     assert encode(*common, "--output", tmp_path / "single") == 0
     split = tmp_path / "split"
     assert encode(*common, "--output", split, "--rank", 1, "--world-size", 2) == 0
@@ -195,14 +209,13 @@ def test_killed_run_resumes_to_identical_bytes(tiny_vae, tmp_path):
     assert 3 <= done < 18, "the run should have been killed part way through its 18 units"
     assert not (killed / "manifest.json").exists()
     # Every shard under a final name is complete: a kill leaves at most a hidden .partial file.
+    whole = files(tmp_path / "whole")
     for shard in killed.glob("*.tar"):
-        with tarfile.open(shard) as tar:
-            tar.getmembers()
+        assert shard.read_bytes() == whole[shard.name]
 
     rerun = subprocess.run([*command, "--output", str(killed)], cwd=ROOT, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{done} already done" in rerun.stderr
-    whole = files(tmp_path / "whole")
     resumed = {k: v for k, v in files(killed).items() if not k.split("/")[-1].startswith(".")}
     assert resumed == whole
 
@@ -219,6 +232,7 @@ def write_odd_images(folder: Path) -> None:
     Image.fromarray(rgb).convert("CMYK").save(folder / "d_cmyk.jpg")
     Image.fromarray(rgb).convert("P").save(folder / "e_palette.png")
     Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(folder / "f_deep.png")  # 16-bit: 128 in 8 bits
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint16)).save(folder / "f_deep_dark.png")  # 16-bit: 1 in 8 bits
     (folder / "g_empty.jpg").write_bytes(b"")
     buffer = io.BytesIO()
     Image.fromarray(rgb).resize((64, 64)).save(buffer, "JPEG")
@@ -235,7 +249,7 @@ def test_odd_images_are_converted_and_bad_ones_skipped(tmp_path, capsys):
         == 0
     )
     m = manifest(out)
-    assert m["num_samples"] == 6 and m["labels"] == {"labelled": False, "num_classes": 0, "class_names": None}
+    assert m["num_samples"] == 7 and m["labels"] == {"labelled": False, "num_classes": 0, "class_names": None}
     assert sorted((s["source"], s["reason"]) for s in m["skipped"]) == [
         ("g_empty.jpg", "empty file"),
         ("h_truncated.jpg", "truncated"),
@@ -245,6 +259,8 @@ def test_odd_images_are_converted_and_bad_ones_skipped(tmp_path, capsys):
     assert all("cls" not in s for s in samples.values())
     deep = PixelCodec().decode(torch.from_numpy(decode_npy(samples["f_deep"]["latent.npy"]))[None])
     assert (deep == 128).all()  # scaled from 16 bits, not clipped to 255
+    dark = PixelCodec().decode(torch.from_numpy(decode_npy(samples["f_deep_dark"]["latent.npy"]))[None])
+    assert (dark == 1).all()  # the scale follows the bit depth, not the pixel values
     rgba = PixelCodec().decode(torch.from_numpy(decode_npy(samples["c_rgba"]["latent.npy"]))[None])[0]
     assert (rgba[:, :, :2] == 255).all()  # transparent columns composite onto white
     assert "skipped 3 (1 empty file, 1 truncated, 1 not a readable image)" in capsys.readouterr().err
@@ -357,6 +373,88 @@ def test_inspect_finds_a_corrupted_shard(digits, tmp_path, capsys):
     capsys.readouterr()
     assert inspect_shards.main([str(out)]) == 1
     assert f"MISMATCH {shard.name}: sha256 differs" in capsys.readouterr().out
+
+
+def test_inspect_finds_non_finite_latents_and_wrong_counts(digits, tmp_path, capsys):
+    from diffusion_dist.data.manifest import manifest_bytes
+    from diffusion_dist.data.shards import encode_npy, tar_bytes
+
+    out = tmp_path / "out"
+    assert encode("--input", digits, "--output", out, "--vae", "pixel", "--resolution", 8, "--shard-size", 100) == 0
+    m = manifest(out)
+    samples = [
+        {k: bytes(v) if not isinstance(v, str) else v for k, v in s.items()}
+        for s in iter_tar_samples((out / m["shards"][0]["name"]).read_bytes())
+    ]
+    poisoned = decode_npy(samples[3]["latent.npy"]).copy()
+    poisoned[0, 0, 0] = np.nan
+    samples[3]["latent.npy"] = encode_npy(poisoned)
+    data = tar_bytes(samples[:-1])  # one sample short, too
+    import hashlib
+
+    m["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (out / m["shards"][0]["name"]).write_bytes(data)
+    (out / "manifest.json").write_bytes(manifest_bytes(m))
+    capsys.readouterr()
+    assert inspect_shards.main([str(out)]) == 1
+    report = capsys.readouterr().out
+    assert "99 samples, manifest says 100" in report and "latent.npy holds NaN or inf" in report
+
+
+def test_storage_options_typos_do_not_echo_secrets(capsys):
+    with pytest.raises(SystemExit):
+        encode_latents.parse_args(
+            [
+                "--input",
+                "x",
+                "--output",
+                "y",
+                "--vae",
+                "pixel",
+                "--storage-options",
+                f'{{"secret": "{CANARY_SECRET}",}}',
+            ]
+        )
+    err = capsys.readouterr().err
+    assert "not valid JSON" in err and CANARY_SECRET not in err
+
+
+def test_a_killed_run_with_other_settings_is_still_refused(digits, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert encode("--input", digits, "--output", out, "--vae", "pixel", "--resolution", 8, "--shard-size", 100) == 0
+    (out / "manifest.json").unlink()  # as if killed before finalizing, with unit 0's record lost too
+    (out / "_parts" / "unit-000000.json").unlink()
+    assert encode("--input", digits, "--output", out, "--vae", "pixel", "--resolution", 16, "--shard-size", 100) == 2
+    assert "resolution: 8 there, 16 now" in capsys.readouterr().err
+
+
+def test_overwrite_removes_what_the_new_settings_no_longer_write(digits, tmp_path):
+    out = tmp_path / "out"
+    assert encode("--input", digits, "--output", out, "--vae", "pixel", "--resolution", 8, "--shard-size", 50) == 0
+    assert (
+        encode(
+            "--input", digits, "--output", out, "--vae", "pixel", "--resolution", 8, "--shard-size", 150, "--overwrite"
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.glob("*.tar")) == ["000000-000.tar", "000001-000.tar"]
+    assert sorted(p.name for p in (out / "_parts").iterdir()) == ["unit-000000.json", "unit-000001.json"]
+    assert inspect_shards.main([str(out)]) == 0
+
+
+def test_input_spellings_of_one_folder_agree(digits, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert encode("--input", digits, "--output", out, "--vae", "pixel", "--resolution", 8) == 0
+    monkeypatch.chdir(digits.parent)
+    assert encode("--input", f"{digits.name}/", "--output", out, "--vae", "pixel", "--resolution", 8) == 0
+
+
+def test_nothing_encodable_is_an_error(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(b"")
+    assert encode("--input", tmp_path / "in", "--output", tmp_path / "out", "--vae", "pixel") == 1
+    assert "no input image could be encoded" in capsys.readouterr().err
+    assert manifest(tmp_path / "out")["skipped"] == [{"source": "a.png", "reason": "empty file"}]
 
 
 # Object storage: a real S3 API (moto server on loopback) through s3fs.
@@ -495,9 +593,11 @@ def test_tar_shards_on_s3_as_input(s3, tmp_path):
     m = manifest(out)
     assert [s["name"] for s in m["shards"]][:3] == ["000000-000.tar", "000000-001.tar", "000001-000.tar"]
     assert m["labels"]["labelled"] and m["labels"]["num_classes"] == 4
-    assert any(s["reason"].startswith("unreadable tar") for s in m["skipped"])
+    assert [s["source"] for s in m["skipped"] if s["reason"].startswith("damaged tar")] == [
+        s3.url("images", "00003.tar")
+    ]
     samples = all_samples(out)
-    assert 21 <= len(samples) < 28
+    assert len(samples) == 21  # the truncated tar held less than one whole sample
     first = samples[0]
     assert first["__key__"] == "00000/000000000" and int(first["cls"]) == 0
     assert json.loads(first["json"])["caption"] == "caption 0 0"

@@ -1,20 +1,15 @@
-"""The dataset contract: manifest.json and the members of each sample in a tar shard.
+"""The dataset contract's manifest.json: what a dataset holds and how it was encoded.
 
-A dataset is a URL prefix holding manifest.json and tar shards (see DESIGN.md). Each
-sample has `__key__`, `latent.npy` (float16 moments — mean and log-variance stacked on
-the channel axis — or a single sample), `latent_flip.npy` when flips were encoded, `cls`
-(the class id as text, absent for unlabelled data) and `json` (source metadata).
+A dataset is a URL prefix holding manifest.json and tar shards (see DESIGN.md and
+shards.py for the samples). The manifest lists every shard with its sample count, byte size
+and sha256, the codec with its scaling, the latent shape and layout, and the labels.
 """
 
 from __future__ import annotations
 
-import io
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
-
-import numpy as np
-import webdataset as wds
 
 from .storage import filesystem, join, read_bytes, redact_url
 
@@ -25,50 +20,6 @@ MANIFEST = "manifest.json"
 
 class DatasetError(ValueError):
     """A dataset that cannot be used as it is; the message names the URL and what to do."""
-
-
-def encode_npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def decode_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def tar_bytes(samples: list[dict[str, Any]]) -> bytes:
-    """A tar shard of samples ({"__key__": str, member: bytes}), byte-identical for identical input.
-
-    Members are written in sorted order with a fixed mtime, owner and mode, so equal
-    samples always give equal bytes (and equal sha256) whatever machine wrote them.
-    """
-    buffer = io.BytesIO()
-    with wds.TarWriter(buffer, encoder=False, mtime=0, user="diffusion-dist", group="diffusion-dist") as writer:
-        for sample in samples:
-            writer.write(sample)
-    return buffer.getvalue()
-
-
-def iter_tar_samples(data: bytes) -> Iterator[dict[str, bytes]]:
-    """Samples of a tar shard in order: {"__key__": key, extension: bytes}."""
-    import tarfile
-
-    current: dict[str, Any] | None = None
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            directory, _, base = member.name.rpartition("/")
-            stem, _, extension = base.partition(".")
-            key = f"{directory}/{stem}" if directory else stem
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key}
-            current[extension] = tar.extractfile(member).read()
-    if current is not None:
-        yield current
 
 
 def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:

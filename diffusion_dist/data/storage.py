@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -45,12 +47,13 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
-_CREDENTIAL_IN_TEXT = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+_USERINFO_IN_TEXT = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+_QUERY_IN_TEXT = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*", re.I)
 
 
 def redact_text(text: str) -> str:
-    """An error message with credentials in any embedded URL removed."""
-    return _CREDENTIAL_IN_TEXT.sub(r"\1", text)
+    """An error message with user:password@ and query strings (presigned signatures) removed from its URLs."""
+    return _QUERY_IN_TEXT.sub(r"\1?<redacted>", _USERINFO_IN_TEXT.sub(r"\1", text))
 
 
 def retry(
@@ -86,7 +89,8 @@ def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         if is_local(fs):
             parent, _, name = path.rpartition("/")
             fs.makedirs(parent, exist_ok=True)
-            temporary = f"{parent}/.{name}.partial"
+            # A name of its own: parts finalizing at the same moment must not share a temporary.
+            temporary = f"{parent}/.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
             fs.pipe_file(temporary, data)
             fs.mv(temporary, path)
         else:
