@@ -41,11 +41,11 @@ def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
     """Check the manifest's structure; raise DatasetError naming the field at fault."""
     if not isinstance(manifest, dict):
         raise DatasetError(f"{where}: manifest is not a JSON object")
+    if manifest.get("format") != FORMAT:
+        raise DatasetError(f"{where}: not a {FORMAT} manifest (format={manifest.get('format')!r})")
     for key, kind in REQUIRED.items():
         if not isinstance(manifest.get(key), kind):
-            raise DatasetError(f"{where}: manifest field {key!r} is missing or not a {kind.__name__}")
-    if manifest["format"] != FORMAT:
-        raise DatasetError(f"{where}: not a {FORMAT} manifest (format={manifest['format']!r})")
+            raise DatasetError(f"{where}: manifest field {key!r} is missing or not of type {kind.__name__}")
     if manifest["version"] > FORMAT_VERSION:
         raise DatasetError(
             f"{where}: manifest version {manifest['version']} is newer than this code reads ({FORMAT_VERSION}); "

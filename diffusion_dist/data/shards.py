@@ -139,19 +139,30 @@ def _pax_path(records: bytes) -> bytes | None:
 
 
 class NpyReader:
-    """Decodes many .npy members of one shape and dtype fast: the header is parsed once and then
-    only compared byte for byte, and the data is a view, not a copy."""
+    """Decodes many .npy members of one shape and dtype fast: the header is parsed once, then only
+    compared byte for byte, and a batch is stacked with one join instead of a call per member."""
 
     def __init__(self) -> None:
-        self._header: bytes | None = None
+        self._header = b""
         self._dtype: np.dtype | None = None
         self._shape: tuple[int, ...] = ()
 
     def __call__(self, data: memoryview) -> np.ndarray:
-        size = len(self._header) if self._header is not None else 0
-        if self._header is None or data[:size] != self._header:
+        if not self._header or data[: len(self._header)] != self._header:
             array = decode_npy(data)
             self._header = bytes(data[: len(data) - array.nbytes])
             self._dtype, self._shape = array.dtype, array.shape
             return array
-        return np.frombuffer(data, dtype=self._dtype, offset=size).reshape(self._shape)
+        return np.frombuffer(data, dtype=self._dtype, offset=len(self._header)).reshape(self._shape)
+
+    def stack(self, members: list[memoryview]) -> np.ndarray:
+        """(N, *shape) from N members that share one header (else member by member)."""
+        self(members[0])
+        size = len(members[0])
+        rows = np.frombuffer(bytearray().join(members), np.uint8)  # writable: torch can wrap it
+        if rows.size != size * len(members):
+            return np.stack([self(m) for m in members])
+        rows = rows.reshape(len(members), size)
+        if not (rows[:, : len(self._header)] == rows[0, : len(self._header)]).all():
+            return np.stack([self(m) for m in members])
+        return rows[:, len(self._header) :].view(self._dtype).reshape(len(members), *self._shape)
