@@ -55,7 +55,9 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     url: str = ""  # dataset prefix holding manifest.json and shards: path, file://, s3://bucket/prefix
-    num_workers: int = 4  # DataLoader workers per rank
+    num_workers: int = 4  # DataLoader workers per rank; each reads its own shards
+    shuffle_shards: int = 4  # shards read and shuffled together by a worker (memory: this many shards)
+    strict: bool = False  # fail on a missing or corrupt shard instead of skipping it with a warning
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options; secrets never logged
 
 
@@ -178,6 +180,7 @@ def validate(config: Config, world_size: int = 1) -> None:
     )
     check(diffusion.guidance_scale >= 0, "diffusion.guidance_scale", "must be >= 0")
     check(config.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    check(config.data.shuffle_shards >= 1, "data.shuffle_shards", "must be >= 1")
     check(train.max_steps >= 1, "train.max_steps", "must be >= 1")
     check(train.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
     check(train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
