@@ -125,6 +125,6 @@ def test_cli_reports_config_errors_without_a_traceback():
 
 
 def test_cli_checks_the_batch_split_for_the_launcher_world_size():
-    env = {**os.environ, "WORLD_SIZE": "3"}
+    env = {**os.environ, "WORLD_SIZE": "3", "RANK": "0"}
     result = run_cli("configs/demo.yaml", "--print-config", env=env)
     assert result.returncode == 2 and "× 3) must divide train.global_batch_size=64" in result.stderr

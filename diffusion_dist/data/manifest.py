@@ -51,9 +51,19 @@ def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
             f"{where}: manifest version {manifest['version']} is newer than this code reads ({FORMAT_VERSION}); "
             "upgrade diffusion-dist"
         )
+    for section, key, kind in (
+        ("latent", "shape", list),
+        ("latent", "moments", bool),
+        ("codec", "name", str),
+        ("codec", "scaling_factor", (int, float)),
+    ):
+        if not isinstance(manifest[section].get(key), kind):
+            raise DatasetError(f"{where}: manifest field {section}.{key} is missing or of the wrong type")
     for i, shard in enumerate(manifest["shards"]):
         if not isinstance(shard, dict) or not {"name", "samples", "bytes", "sha256"} <= shard.keys():
             raise DatasetError(f"{where}: shard entry {i} lacks name/samples/bytes/sha256")
+        if not (isinstance(shard["samples"], int) and shard["samples"] >= 0 and isinstance(shard["bytes"], int)):
+            raise DatasetError(f"{where}: shard entry {i} has a bad sample count or byte size")
     if sum(s["samples"] for s in manifest["shards"]) != manifest["num_samples"]:
         raise DatasetError(f"{where}: num_samples does not equal the sum of shard sample counts")
     return manifest
@@ -73,6 +83,6 @@ def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) ->
         ) from None
     try:
         manifest = json.loads(data)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{where}: {MANIFEST} is not valid JSON ({e})") from None
     return validate_manifest(manifest, where)

@@ -21,6 +21,24 @@ T = TypeVar("T")
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """OSError plus the network errors s3fs lets through unchanged once its own retries are spent."""
+    errors: list[type[BaseException]] = [OSError]
+    for module, name in (
+        ("botocore.exceptions", "BotoCoreError"),
+        ("aiohttp", "ClientError"),
+        ("urllib3.exceptions", "HTTPError"),
+    ):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+TRANSIENT_ERRORS = _transient_errors()
+
+
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
     """The fsspec filesystem for `url` and the path inside it (bucket/key for s3://, absolute for local)."""
     fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
@@ -36,18 +54,20 @@ def is_local(fs: AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+# user:password@ may itself hold '/' or '@' (AWS secrets do): strip through the last '@' of the URL.
+_USERINFO_IN_TEXT = re.compile(r"([a-z][a-z0-9+.-]*://)\S*@", re.I)
+
+
 def redact_url(url: str) -> str:
     """The URL without user:password@ and without a query string (signatures, tokens)."""
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(_USERINFO_IN_TEXT.sub(r"\1", url))
     except ValueError:
         return "<unparseable url>"
-    netloc = parts.netloc.rsplit("@", 1)[-1]
     query = "<redacted>" if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
 
 
-_USERINFO_IN_TEXT = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 _QUERY_IN_TEXT = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*", re.I)
 
 
@@ -69,7 +89,7 @@ def retry(
             return fn()
         except PERMANENT_ERRORS:
             raise
-        except OSError as e:
+        except TRANSIENT_ERRORS as e:
             if attempt == attempts:
                 raise OSError(f"{what}: failed after {attempts} attempts: {redact_text(str(e))}") from e
             delay = min(base_delay * 2 ** (attempt - 1), max_delay)

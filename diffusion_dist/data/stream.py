@@ -29,6 +29,7 @@ batch counts stay equal and nothing hangs.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import math
@@ -56,6 +57,7 @@ class LatentBatch(NamedTuple):
     labels: torch.Tensor  # (B,) int64; the null label for unlabelled samples
     keys: list[str]  # the samples' __key__, in batch order
     epoch: int
+    seed: int  # for the batch's own draws downstream (the loss's t, ε): keyed to the batch, not the rank
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,7 @@ class SlotStream:
         self.shuffle_shards, self.strict = shuffle_shards, strict
         self.read_npy = NpyReader()
         self.fs, self.root = filesystem(info.url, info.storage_options)  # created in this process
-        self.skipped: list[str] = []  # shards skipped since the last batch
-        self.unreadable: set[int] = set()  # shards found bad this epoch: not read again in later passes
+        self.skipped: list[str] = []  # shards skipped in groups consumed since the last batch
 
     @lru_cache(maxsize=2)  # noqa: B019 - one stream per worker, two epochs at most
     def plan(self, epoch: int) -> tuple[list[int], int]:
@@ -139,7 +140,6 @@ class SlotStream:
             while True:
                 epoch = position.epoch
                 shards, per_epoch = self.plan(epoch)
-                self.unreadable = set()  # give every shard a fresh chance each epoch
                 samples = self._samples(epoch, shards, position, prefetch)
                 for batch in range(position.batch, per_epoch):
                     chunk = [next(samples) for _ in range(self.batch_size)]
@@ -157,12 +157,16 @@ class SlotStream:
         if group >= len(groups):
             pass_, group, offset = pass_ + 1, 0, 0
         found_any = group != 0  # a pass resumed midway had samples before the resume
+        unreadable: set[int] = set()  # this epoch's bad shards: later passes do not read them again
         pending: Future | None = None
         while True:
-            samples = pending.result() if pending else self._read_group(groups[group])
+            samples, skipped = pending.result() if pending else self._read_group(groups[group], unreadable)
+            self.skipped += skipped  # counted when consumed, so a discarded prefetch counts nothing
             following = (pass_, group + 1) if group + 1 < len(groups) else (pass_ + 1, 0)
             # Prefetch within this pass only: another pass is needed only when shards were skipped.
-            pending = prefetch.submit(self._read_group, groups[group + 1]) if following[0] == pass_ else None
+            pending = (
+                prefetch.submit(self._read_group, groups[group + 1], unreadable) if following[0] == pass_ else None
+            )
             found_any = found_any or bool(samples)
             order = np.random.default_rng(_seed(self.seed, epoch, self.slot, pass_, group)).permutation(len(samples))
             for i in range(offset, len(order)):
@@ -174,30 +178,40 @@ class SlotStream:
                 found_any = False
             (pass_, group), offset = following, 0
 
-    def _read_group(self, shards: list[int]) -> list[dict[str, Any]]:
-        samples = []
+    def _read_group(self, shards: list[int], unreadable: set[int]) -> tuple[list[dict[str, Any]], list[str]]:
+        """The samples of a group's readable shards, and the names of those skipped."""
+        samples, skipped = [], []
         for shard in shards:
-            samples.extend(self._read_shard(shard))
-        return samples
+            if shard in unreadable:
+                continue
+            try:
+                samples.extend(self._read_shard(shard))
+            except DatasetError:
+                raise
+            except (OSError, CorruptShard) as e:
+                name = self.info.shard_names[shard]
+                url, reason = redact_url(join(self.info.url, name)), redact_text(str(e)) or type(e).__name__
+                if self.strict:
+                    raise DatasetError(f"shard {url} cannot be read: {reason} (strict mode)") from None
+                log.warning("skipping shard %s: %s", url, reason)
+                skipped.append(name)
+                unreadable.add(shard)
+        return samples, skipped
 
     def _read_shard(self, shard: int) -> list[dict[str, Any]]:
-        if shard in self.unreadable:
-            return []
-        name, expected = self.info.shard_names[shard], self.info.shard_bytes[shard]
-        url = redact_url(join(self.info.url, name))
-        try:
-            data = read_bytes(self.fs, join(self.root, name))  # one GET for the whole shard
-            if len(data) != expected:
-                raise CorruptShard(f"{len(data)} bytes, the manifest says {expected}")
-            return parse_tar(data)
-        except (OSError, CorruptShard) as e:
-            reason = redact_text(str(e)) or type(e).__name__
-            if self.strict:
-                raise DatasetError(f"shard {url} cannot be read: {reason} (strict mode)") from None
-            log.warning("skipping shard %s: %s", url, reason)
-            self.skipped.append(name)
-            self.unreadable.add(shard)
-            return []
+        """A shard's samples, checked against the manifest: bytes, sample count, required members."""
+        name = self.info.shard_names[shard]
+        data = read_bytes(self.fs, join(self.root, name))  # one GET for the whole shard
+        if len(data) != self.info.shard_bytes[shard]:
+            raise CorruptShard(f"{len(data)} bytes, the manifest says {self.info.shard_bytes[shard]}")
+        samples = parse_tar(data)
+        if len(samples) != self.info.shard_samples[shard]:
+            raise CorruptShard(f"{len(samples)} samples, the manifest says {self.info.shard_samples[shard]}")
+        required = ("latent.npy", "latent_flip.npy") if self.info.flip else ("latent.npy",)
+        for sample in samples:
+            if any(member not in sample for member in required):
+                raise CorruptShard(f"sample {sample['__key__']!r} lacks one of {required}")
+        return samples
 
     def _decode(self, epoch: int, batch: int, samples: list[dict[str, Any]]) -> LatentBatch:
         generator = torch.Generator().manual_seed(_seed(self.seed, epoch, self.slot, batch))
@@ -226,7 +240,9 @@ class SlotStream:
             labels = [int(bytes(s["cls"])) if "cls" in s else self.null_label for s in samples]
         else:
             labels = [self.null_label] * len(samples)
-        return LatentBatch(latents, torch.tensor(labels, dtype=torch.long), [s["__key__"] for s in samples], epoch)
+        keys = [s["__key__"] for s in samples]
+        loss_seed = _seed(self.seed, epoch, self.slot, batch, 1)
+        return LatentBatch(latents, torch.tensor(labels, dtype=torch.long), keys, epoch, loss_seed)
 
 
 class _Batch(NamedTuple):
@@ -328,6 +344,7 @@ class LatentLoader:
         position = self.positions[self.batches_consumed % self.slots_per_rank]
         return position.epoch + (position.batch >= self.batches_per_epoch(position.epoch))
 
+    @lru_cache(maxsize=4)  # noqa: B019 - a few loaders per process, a few epochs each
     def batches_per_epoch(self, epoch: int) -> int:
         """Batches this rank yields in `epoch` (the same on every rank)."""
         plan = epoch_plan(self.info.shard_samples, self.num_slots, self.seed, epoch)
@@ -394,15 +411,16 @@ class LatentLoader:
         self.skipped_shards = int(state.get("skipped_shards", 0))
 
     def _layout(self) -> dict[str, Any]:
-        """What the reading order depends on besides the seed."""
+        """What the reading order depends on: a state only fits a loader with the same layout."""
+        shards = hashlib.sha256(repr((self.info.shard_names, self.info.shard_samples)).encode()).hexdigest()[:16]
         return {
+            "rank": self.rank,
             "world_size": self.world_size,
             "slots_per_rank": self.slots_per_rank,
             "batch_size": self.batch_size,
             "seed": self.seed,
             "shuffle_shards": self.shuffle_shards,
-            "shards": len(self.info.shard_names),
-            "samples": int(sum(self.info.shard_samples)),
+            "shards": shards,
         }
 
 
