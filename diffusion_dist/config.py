@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ class RunConfig:
     dir: str = "runs/default"  # all outputs: checkpoints/, export/, config.yaml, logs
     seed: int = 0  # global seed; rank r uses seed · world_size + r
     name: str = ""  # display name (MLflow run name); empty: the basename of dir
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])  # save, exit 75 (requeue)
+    log_sample_keys: bool = False  # write each rank's consumed sample keys to run.dir/logs (audits, tests)
 
 
 @dataclass
@@ -74,6 +77,8 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (to 0 at max_steps)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
+    max_skipped_steps: int = 20  # consecutive non-finite steps before training aborts
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed JSON keys, merged last
 
 
@@ -198,6 +203,9 @@ def validate(config: Config, world_size: int = 1) -> None:
     choice("train.lr_schedule", LR_SCHEDULES)
     check(train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     check(0 <= train.ema_decay <= 1, "train.ema_decay", "must lie in [0, 1]")
+    check(train.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
+    for name in config.run.preempt_signals:
+        check(hasattr(signal, name), "run.preempt_signals", f"{name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
     check(config.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
     check(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     check(config.tracking.log_every >= 1, "tracking.log_every", "must be >= 1")

@@ -1,13 +1,21 @@
-"""python -m launch.train CONFIG [section.key=value ...] [--print-config]"""
+"""python -m launch.train CONFIG [section.key=value ...] [--resume PATH | --no-resume] [--print-config]
+
+Runs as one process, or under torchrun, srun or the deepspeed launcher (one process per
+GPU). Exit codes: 0 done; 75 preempted after saving a checkpoint (requeue me); 2 bad
+config or data, before training starts; 1 training failed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from diffusion_dist.config import ConfigError, load_config, to_yaml
-from diffusion_dist.distributed import world_size_from_env
+from diffusion_dist.data.manifest import DatasetError
+from diffusion_dist.distributed import process_from_env
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -20,21 +28,45 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config (secrets redacted) and exit"
     )
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", default=None, help="resume from this checkpoint directory")
+    group.add_argument("--no-resume", action="store_true", help="start fresh even if run.dir has checkpoints")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides, world_size=world_size_from_env())
+        process = process_from_env()
+        config = load_config(args.config, args.overrides, world_size=process.world_size)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
-    print("error: the DeepSpeed trainer is coming (issue #5); use --print-config to check a config", file=sys.stderr)
-    return 2
+    logging.basicConfig(
+        level=logging.INFO if process.rank == 0 else logging.WARNING,
+        format=f"%(asctime)s rank{process.rank} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    from diffusion_dist.train.loop import TrainingAborted, train
+
+    try:
+        return train(config, process, resume=args.resume, fresh=args.no_resume)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingAborted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed engine, EMA, checkpoints, the loop. The only package that touches ranks."""

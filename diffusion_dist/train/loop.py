@@ -1,0 +1,357 @@
+"""The training loop: one function, phases marked, small stateful helpers around it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, to_dict, to_yaml
+from ..data.storage import redact_url
+from ..data.stream import LatentLoader
+from ..diffusion import GaussianDiffusion, diffusion_loss, timestep_quartile_sums
+from ..distributed import ProcessInfo, init_process_group
+from ..models import build_unet
+from .checkpoint import SHARED, Checkpointer, committed_checkpoints, load_state
+from .ema import EMA
+from .engine import DTYPES, build_engine
+from .export import write_export
+
+log = logging.getLogger("diffusion_dist.train")
+
+# Exit code after a preemption save: "requeue me" to slurm/train.sh and launch.submit (EX_TEMPFAIL).
+REQUEUE_EXIT_CODE = 75
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot go on (too many non-finite steps, a checkpoint from another model)."""
+
+
+@dataclass
+class Progress:
+    """What the step loop has done, saved in every checkpoint."""
+
+    step: int = 0
+    samples_seen: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+
+
+class PreemptionFlag:
+    """Signals only set a flag; the loop saves and exits at the next step boundary, on all ranks together."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.raised = False
+        for name in names:
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank was signalled (a collective)."""
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class MetricsLog:
+    """Loss sums kept on the device between log steps; rank 0 appends JSON lines to run.dir/metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, rank: int, num_timesteps: int, device: torch.device) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.rank, self.num_timesteps, self.device = rank, num_timesteps, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self.counts = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self.started = time.perf_counter()
+        self.steps = 0
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        sums, counts = timestep_quartile_sums(terms["t"], terms["loss"], self.num_timesteps)
+        self.sums += sums
+        self.counts += counts
+
+    def write(self, progress: Progress, lr: float, samples_per_step: int) -> dict[str, Any]:
+        """All-reduce the sums since the last write (a collective) and log them."""
+        totals = torch.cat([self.sums, self.counts])
+        dist.all_reduce(totals)
+        sums, counts = totals[:4], totals[4:]
+        elapsed = time.perf_counter() - self.started
+        record = {
+            "step": progress.step,
+            "loss": (sums.sum() / counts.sum().clamp(min=1)).item(),
+            **{f"loss_q{q}": (sums[q] / counts[q]).item() for q in range(4) if counts[q] > 0},
+            "lr": lr,
+            "samples_seen": progress.samples_seen,
+            "skipped_steps": progress.skipped_steps,
+            "samples_per_s": self.steps * samples_per_step / max(elapsed, 1e-9),
+        }
+        if self.rank == 0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.reset()
+        return record
+
+
+def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh: bool = False) -> int:
+    """Train to config.train.max_steps; returns 0, or REQUEUE_EXIT_CODE after a preemption save."""
+    # Set up processes, seeds, data, model, engine.
+    device = torch.device(f"cuda:{process.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    init_process_group(process, device)
+    rank, world = process.rank, process.world_size
+    run_dir = Path(config.run.dir)
+    if rank == 0:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(config))
+    rank_seed = config.run.seed * world + rank  # DESIGN.md: per-rank seed
+    random.seed(rank_seed)
+    torch.manual_seed(config.run.seed)  # identical initial weights on every rank
+
+    data = LatentLoader(
+        config.data.url,
+        batch_size=config.train.micro_batch_size,
+        null_label=config.model.num_classes,
+        rank=rank,
+        world_size=world,
+        num_workers=config.data.num_workers,
+        seed=config.run.seed,
+        shuffle_shards=config.data.shuffle_shards,
+        strict=config.data.strict,
+        storage_options=config.data.storage_options,
+        pin_memory=device.type == "cuda",
+    )
+    diffusion = GaussianDiffusion.from_schedule(
+        config.diffusion.schedule, config.diffusion.num_timesteps, config.diffusion.variance
+    )
+    model = build_unet(
+        config.model.size,
+        data.latent_shape[0],
+        config.model.num_classes,
+        learn_sigma=diffusion.learn_sigma,
+        dropout=config.model.dropout,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+    )
+    engine = build_engine(model, config, world, device)
+    torch.manual_seed(rank_seed)  # dropout and other global draws differ per rank from here on
+    dtype = DTYPES[config.train.precision]
+    ema = EMA(engine.module, config.train.ema_decay, config.train.ema_warmup)
+    checkpointer = Checkpointer(run_dir, config.checkpoint.keep, rank)
+    progress = Progress()
+    export_info = _export_info(config, data)
+
+    # Resume from the newest committed checkpoint (or the one asked for).
+    candidates = [] if fresh else ([Path(resume)] if resume else committed_checkpoints(checkpointer.root))
+    for directory in candidates:
+        shared = load_state(directory / SHARED)
+        if shared["config"]["model"] != to_dict(config)["model"]:
+            raise TrainingAborted(
+                f"checkpoint {directory} was made by another model ({shared['config']['model']}); "
+                "use a new run.dir, or --no-resume to start over"
+            )
+        try:
+            per_rank = checkpointer.load(engine, directory)
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            if resume:
+                raise
+            log.warning("cannot load checkpoint %s (%s); trying the previous one", directory, e)
+            continue
+        progress = Progress(**shared["progress"])
+        data.load_state_dict(per_rank["data"])
+        ema.load_state_dict(per_rank["ema"] if ema.partitioned else shared["ema"])
+        torch.set_rng_state(per_rank["rng"]["torch"])
+        random.setstate(_python_rng_state(per_rank["rng"]["python"]))
+        if device.type == "cuda" and "cuda" in per_rank["rng"]:
+            torch.cuda.set_rng_state(per_rank["rng"]["cuda"])
+        if rank == 0:
+            log.info("resumed from %s at step %d", directory, progress.step)
+        break
+    else:
+        if candidates:
+            raise TrainingAborted(
+                f"no checkpoint in {checkpointer.root} could be loaded (see warnings); --no-resume starts over"
+            )
+
+    def model_fn(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return engine(z.to(dtype), t, labels).float()
+
+    def save() -> None:
+        shared = {
+            "progress": asdict(progress),
+            "config": to_dict(config),
+            "tracking_run_id": None,
+            "export": export_info,
+            "ema_layout": ema.layout(),
+        }
+        if not ema.partitioned:
+            shared["ema"] = ema.state_dict()
+        per_rank = {
+            "data": data.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": _python_rng_tensor(random.getstate()),
+                **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {}),
+            },
+            **({"ema": ema.state_dict()} if ema.partitioned else {}),
+        }
+        directory = checkpointer.save(engine, progress.step, shared, per_rank)
+        if rank == 0:
+            log.info("step %d: checkpoint %s", progress.step, directory)
+
+    preemption = PreemptionFlag(config.run.preempt_signals)
+    metrics = MetricsLog(run_dir, rank, diffusion.num_timesteps, device)
+    keys_log = (run_dir / "logs" / f"keys-rank{rank}.txt").open("a") if config.run.log_sample_keys else None
+    batches = iter(data)
+    accumulation = engine.gradient_accumulation_steps()
+    stage_zero = config.train.zero_stage == 0
+
+    while progress.step < config.train.max_steps:
+        # Accumulate gradients over micro-batches; DeepSpeed steps the optimizer on the last.
+        skipped_before = engine.skipped_steps
+        non_finite = False
+        for micro in range(accumulation):
+            batch = next(batches)
+            latents = batch.latents.to(device, non_blocking=True)
+            labels = batch.labels.to(device, non_blocking=True)
+            # The loss's draws (t, ε, ξ, label dropout) are keyed to the batch, not the rank:
+            # one rank accumulating two batches computes exactly what two ranks do.
+            generator = torch.Generator(device).manual_seed(batch.seed)
+            terms = diffusion_loss(
+                model_fn,
+                diffusion,
+                latents,
+                labels,
+                null_label=config.model.num_classes,
+                p_uncond=config.diffusion.p_uncond,
+                input_perturbation=config.diffusion.input_perturbation,
+                vlb_weight=config.diffusion.vlb_weight,
+                generator=generator,
+            )
+            engine.backward(terms["loss"].mean())
+            if stage_zero and micro == accumulation - 1:
+                # Without ZeRO, DeepSpeed applies non-finite gradients; they are already
+                # all-reduced here, so every rank sees the same verdict and skips together.
+                non_finite = not _gradients_finite(engine.module)
+            if non_finite:
+                with _optimizer_step_skipped(engine):
+                    engine.step()
+            else:
+                engine.step()
+            metrics.add(terms)
+            if keys_log:
+                keys_log.write("".join(f"{progress.step + 1}\t{key}\n" for key in batch.keys))
+
+        # Count skipped steps; update the EMA after real ones.
+        skipped = non_finite or engine.skipped_steps > skipped_before
+        progress.step += 1
+        progress.samples_seen += config.train.global_batch_size
+        if skipped:
+            progress.skipped_steps += 1
+            progress.consecutive_skips += 1
+            if progress.consecutive_skips >= config.train.max_skipped_steps:
+                raise TrainingAborted(
+                    f"{progress.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                    f"(at step {progress.step}); check the data (inspect_shards) and lower train.lr"
+                )
+        else:
+            progress.consecutive_skips = 0
+            ema.update()
+
+        # Log, checkpoint, and stop for preemption: at step boundaries, on all ranks together.
+        metrics.steps += 1
+        if progress.step % config.tracking.log_every == 0 or progress.step == config.train.max_steps:
+            record = metrics.write(progress, engine.get_lr()[0], config.train.global_batch_size)
+            if rank == 0:
+                log.info("step %d loss %.4f (%.0f samples/s)", record["step"], record["loss"], record["samples_per_s"])
+        if keys_log:
+            keys_log.flush()
+        if preemption.agreed(device):
+            save()
+            if rank == 0:
+                log.info("preempted: saved step %d, exiting with %d (requeue)", progress.step, REQUEUE_EXIT_CODE)
+            return REQUEUE_EXIT_CODE
+        if progress.step % config.checkpoint.every == 0 and progress.step < config.train.max_steps:
+            save()
+
+    # Save the final state and the export.
+    save()
+    weights, raw = ema.full_state_dict(), _full_weights(engine.module)
+    if rank == 0:
+        directory = write_export(run_dir / "export", weights, {**export_info, "step": progress.step}, raw=raw)
+        log.info("done: %d steps; export in %s", progress.step, directory)
+    dist.barrier()
+    return 0
+
+
+def _full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained (not averaged) weights in fp32, gathered from all ranks under ZeRO-3 (a collective)."""
+    import deepspeed
+
+    params = dict(module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        return {name: p.detach().float().clone() for name, p in params.items()}
+
+
+def _gradients_finite(module: torch.nn.Module) -> bool:
+    return all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
+@contextmanager
+def _optimizer_step_skipped(engine):
+    """engine.step() with the optimizer's update suppressed and gradients zeroed: DeepSpeed still
+    advances its micro-step counters, and clipping sees finite (zero) gradients."""
+    optimizer = engine.optimizer
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            p.grad.zero_()
+    optimizer.step = lambda *args, **kwargs: None  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del optimizer.step
+
+
+def _python_rng_tensor(state: tuple) -> dict[str, Any]:
+    """random.getstate() as tensors and ints, so the checkpoint loads with weights_only=True."""
+    version, internal, gauss = state
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _python_rng_state(saved: dict[str, Any]) -> tuple:
+    return saved["version"], tuple(int(x) for x in saved["internal"].tolist()), saved["gauss"]
+
+
+def _export_info(config: Config, data: LatentLoader) -> dict[str, Any]:
+    """What an export needs to rebuild the model and decode its samples."""
+    manifest = data.manifest
+    return {
+        "model": {
+            "size": config.model.size,
+            "in_channels": data.latent_shape[0],
+            "num_classes": config.model.num_classes,
+        },
+        "diffusion": {
+            k: getattr(config.diffusion, k)
+            for k in ("schedule", "num_timesteps", "variance", "sampler", "sample_steps", "guidance_scale")
+        },
+        "codec": manifest["codec"],
+        "latent_shape": list(data.latent_shape),
+        "dataset": {
+            "url": redact_url(config.data.url),
+            "num_samples": manifest["num_samples"],
+            "class_names": (manifest.get("labels") or {}).get("class_names"),
+        },
+    }
