@@ -132,6 +132,15 @@ def codec_from_manifest(info: dict[str, Any], device: str | torch.device = "cpu"
     raise ValueError(f"unknown codec {info['name']!r} in the manifest")
 
 
+def x0_clip(info: dict[str, Any]) -> float | None:
+    """Bound for x̂_0 while sampling: pixels live in [−1, 1], so a pixel model's x̂_0 is clipped there (as
+    ADM does); VAE latents have no fixed range. Without it, x̂_0 = (z − sqrt(1 − ᾱ)ε) / sqrt(ᾱ) explodes at
+    the last step of schedules whose ᾱ_T is ~0 (cosine)."""
+    if info["name"] == PixelCodec.name:
+        return float(info["scaling_factor"]) * (1.0 + abs(float(info.get("shift_factor") or 0.0)))
+    return None
+
+
 def to_model_space(z: torch.Tensor, info: dict[str, Any]) -> torch.Tensor:
     """VAE latent -> the diffusion model's space: (z − shift) · scaling."""
     return (z - info["shift_factor"]) * info["scaling_factor"]
