@@ -1,0 +1,352 @@
+"""The DeepSpeed trainer on CPU with gloo: exact resume after kill -9, ZeRO stages vs one rank,
+checkpoint selection, preemption, non-finite steps, export and sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_tools import encode_latents
+from data_tools.make_digits import write_digits
+from tests.conftest import ROOT, free_port
+from tests.latent_data import write_dataset
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def digits_latents(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(root / "images")
+    assert (
+        encode_latents.main(
+            [
+                "--input",
+                str(root / "images"),
+                "--output",
+                str(root / "latents"),
+                "--vae",
+                "pixel",
+                "--resolution",
+                "8",
+                "--shard-size",
+                "150",
+                "--num-workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    return root / "latents"
+
+
+def overrides(run_dir: Path, data: Path, **extra) -> list[str]:
+    base = {
+        "run.dir": run_dir,
+        "data.url": data,
+        "data.num_workers": 1,
+        "train.global_batch_size": 16,
+        "train.micro_batch_size": 8,
+        "train.warmup_steps": 0,
+        "tracking.log_every": 1,
+        "checkpoint.every": 1000,
+        "run.log_sample_keys": "true",
+        "train.max_steps": 10,
+    }
+    base.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def command(args: list[str], ranks: int) -> list[str]:
+    if ranks == 0:  # a plain single process, no launcher
+        return [sys.executable, "-m", "launch.train", "configs/demo.yaml", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={ranks}",
+        f"--master_port={free_port()}",
+        "-m",
+        "launch.train",
+        "configs/demo.yaml",
+        *args,
+    ]
+
+
+def train(args: list[str], ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command(args, ranks), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def start(args: list[str], ranks: int = 2) -> subprocess.Popen:
+    return subprocess.Popen(
+        command(args, ranks),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """The last record written for each step (a resumed run rewrites the steps after its checkpoint)."""
+    records = {}
+    if (run_dir / "metrics.jsonl").exists():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            records[record["step"]] = record
+    return records
+
+
+def consumed_keys(run_dir: Path, rank: int) -> dict[int, list[str]]:
+    """Keys per step; where a restarted run logs a step again, its entries replace the killed run's."""
+    steps: dict[int, list[str]] = {}
+    previous = 0
+    for line in (run_dir / "logs" / f"keys-rank{rank}.txt").read_text().splitlines():
+        step, key = int(line.split("\t")[0]), line.split("\t")[1]
+        if step < previous:  # a restart: forget what the killed run consumed from here on
+            steps = {s: keys for s, keys in steps.items() if s < step}
+        previous = step
+        steps.setdefault(step, []).append(key)
+    return steps
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = max(metrics(run_dir), default=0)
+        if done >= step:
+            return done
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """kill -9 the launcher and every rank and data worker under it (they run in their own groups)."""
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    for member in tree:
+        member.kill()
+    psutil.wait_procs(tree, timeout=30)
+    process.wait()
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_after_kill_is_bit_identical(digits_latents, tmp_path, stage):
+    """60 steps uninterrupted vs killed (-9, both ranks) after step 37 with checkpoints every 30, then restarted."""
+
+    def args(run_dir: Path) -> list[str]:
+        return overrides(run_dir, digits_latents, train__max_steps=60, checkpoint__every=30, train__zero_stage=stage)
+
+    whole = train(args(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+
+    killed = tmp_path / "killed"
+    process = start(args(killed))
+    reached = wait_for_step(killed, 37, process)
+    kill_tree(process)
+    assert 37 <= reached < 60 and max(metrics(killed)) < 60
+    restarted = train(args(killed))
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    restart = next(i for i in range(1, len(logged)) if logged[i] <= logged[i - 1])
+    assert logged[restart] == 31, "the restart should continue from the step-30 checkpoint"
+
+    expected, got = metrics(tmp_path / "whole"), metrics(killed)
+    assert sorted(got) == list(range(1, 61))
+    assert [got[s]["loss"] for s in range(1, 61)] == [expected[s]["loss"] for s in range(1, 61)]
+    for name in ("ema.safetensors", "model.safetensors"):
+        assert_same_tensors(load_file(killed / "export" / name), load_file(tmp_path / "whole" / "export" / name))
+    for rank in range(2):
+        assert consumed_keys(killed, rank) == consumed_keys(tmp_path / "whole", rank)
+
+
+@pytest.fixture(scope="module")
+def one_rank_losses(digits_latents, tmp_path_factory) -> list[float]:
+    """One rank with two data workers accumulating two micro-batches: the same samples and draws per
+    step as two ranks with one worker each."""
+    run_dir = tmp_path_factory.mktemp("one-rank")
+    result = train(overrides(run_dir, digits_latents, data__num_workers=2, train__zero_stage=0), ranks=1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [metrics(run_dir)[s]["loss"] for s in range(1, 11)]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stages_follow_the_one_rank_trajectory(digits_latents, tmp_path, one_rank_losses, stage):
+    result = train(overrides(tmp_path, digits_latents, train__zero_stage=stage))
+    assert result.returncode == 0, result.stdout + result.stderr
+    losses = [metrics(tmp_path)[s]["loss"] for s in range(1, 11)]
+    np.testing.assert_allclose(losses, one_rank_losses, rtol=1e-4)
+    assert consumed_keys(tmp_path, 0)[1] + consumed_keys(tmp_path, 1)[1]  # both ranks took part
+
+
+def test_ema_under_zero3_equals_ema_of_gathered_weights(tmp_path):
+    script = ROOT / "tests" / "scripts" / "ema_zero3.py"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            str(script),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "EMA ZeRO-3 matches" in result.stdout, result.stdout + result.stderr
+
+
+def test_checkpoint_selection_skips_partial_and_corrupt_ones(digits_latents, tmp_path):
+    args = overrides(tmp_path, digits_latents, train__max_steps=15, checkpoint__every=5, checkpoint__keep=3)
+    assert train(args).returncode == 0
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-10", "step-15", "step-5"]
+    (checkpoints / "step-15" / "COMMITTED.json").unlink()  # as if killed while saving
+    damaged = checkpoints / "step-10" / "rank-00001.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # damaged since it was committed
+    (checkpoints / "latest").write_text("step-15")  # a stale DeepSpeed pointer is not followed
+
+    result = train(overrides(tmp_path, digits_latents, train__max_steps=20, checkpoint__every=5, checkpoint__keep=2))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ignoring checkpoint" in result.stderr and "no commit marker" in result.stderr
+    assert "rank-00001.pt has 100 bytes" in result.stderr
+    assert "step-5 at step 5" in result.stderr
+    # keep-last-2 of the committed ones: the damaged and partial ones are gone or superseded.
+    committed = sorted(p.name for p in checkpoints.glob("step-*") if (p / "COMMITTED.json").exists())
+    assert committed == ["step-15", "step-20"]
+
+
+def test_a_model_change_is_refused_on_resume(digits_latents, tmp_path):
+    assert train(overrides(tmp_path, digits_latents, train__max_steps=2), ranks=0).returncode == 0
+    result = train(overrides(tmp_path, digits_latents, train__max_steps=4, model__size="UNet-S"), ranks=0)
+    assert result.returncode == 1 and "was made by another model" in result.stderr
+    fresh = train(
+        overrides(tmp_path, digits_latents, train__max_steps=2, model__size="UNet-S") + ["--no-resume"], ranks=0
+    )
+    assert fresh.returncode == 0, fresh.stderr
+
+
+def test_preemption_saves_on_all_ranks_and_exits_for_requeue(digits_latents, tmp_path):
+    args = overrides(tmp_path, digits_latents, train__max_steps=100000)
+    process = start(args)
+    wait_for_step(tmp_path, 5, process)
+    workers = psutil.Process(process.pid).children()  # the ranks (their data workers are grandchildren)
+    assert len(workers) == 2
+    for worker in workers:
+        worker.send_signal(signal.SIGUSR1)
+    output, _ = process.communicate(timeout=120)
+    assert "exitcode  : 75" in output or "exitcode: 75" in output, output
+    saved = [p for p in (tmp_path / "checkpoints").glob("step-*") if (p / "COMMITTED.json").exists()]
+    assert len(saved) == 1 and {f.name for f in saved[0].glob("rank-*.pt")} == {"rank-00000.pt", "rank-00001.pt"}
+    step = int(saved[0].name.removeprefix("step-"))
+
+    resumed = train(overrides(tmp_path, digits_latents, train__max_steps=step + 3))
+    assert resumed.returncode == 0 and f"at step {step}" in resumed.stderr, resumed.stderr
+    assert max(metrics(tmp_path)) == step + 3
+
+
+def test_single_process_preemption_exit_code(digits_latents, tmp_path):
+    process = start(overrides(tmp_path, digits_latents, train__max_steps=100000), ranks=0)
+    wait_for_step(tmp_path, 3, process)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert process.returncode == 75
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_non_finite_steps_are_skipped_and_leave_weights_unchanged(tmp_path, stage):
+    write_dataset(str(tmp_path / "nan"), [40, 40], shape=(3, 8, 8), mean=float("nan"), num_classes=10)
+    args = overrides(
+        tmp_path / "run", tmp_path / "nan", train__max_steps=4, train__zero_stage=stage, train__max_skipped_steps=100
+    )
+    result = train(args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert metrics(tmp_path / "run")[4]["skipped_steps"] == 4
+    from diffusion_dist.models import build_unet
+
+    torch.manual_seed(0)
+    initial = build_unet("UNet-T", 3, 10, learn_sigma=True).state_dict()
+    assert_same_tensors(load_file(tmp_path / "run" / "export" / "model.safetensors"), initial)
+    assert_same_tensors(load_file(tmp_path / "run" / "export" / "ema.safetensors"), initial)
+
+    aborted = train(
+        overrides(
+            tmp_path / "run2",
+            tmp_path / "nan",
+            train__max_steps=10,
+            train__zero_stage=stage,
+            train__max_skipped_steps=3,
+        )
+    )
+    assert aborted.returncode != 0 and "3 consecutive steps had a non-finite loss" in aborted.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_export(digits_latents, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("sample-run")
+    assert train(overrides(run_dir, digits_latents, train__max_steps=5), ranks=0).returncode == 0
+    return run_dir
+
+
+def run_sample(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launch.sample", *map(str, args)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_sample_cli_writes_a_grid_and_npz_deterministically(trained_export, tmp_path):
+    from PIL import Image
+
+    common = [trained_export, "--classes", "0,3", "--per-class", 3, "--steps", 5, "--cfg-scale", 2]
+    assert run_sample(*common, "--seed", 1, "--out", tmp_path / "a").returncode == 0
+    assert run_sample(*common, "--seed", 1, "--out", tmp_path / "b", "--sampler", "ddim").returncode == 0
+    assert run_sample(*common, "--seed", 2, "--out", tmp_path / "c").returncode == 0
+    a, b, c = (np.load(tmp_path / f"{n}.npz") for n in "abc")
+    assert a["images"].shape == (6, 8, 8, 3) and a["images"].dtype == np.uint8
+    assert a["labels"].tolist() == [0, 0, 0, 3, 3, 3]
+    assert np.array_equal(a["images"], b["images"]) and not np.array_equal(a["images"], c["images"])
+    assert Image.open(tmp_path / "a.png").size == (3 * 8, 2 * 8)
+    bad = run_sample(trained_export, "--classes", "12", "--out", tmp_path / "d")
+    assert bad.returncode == 2 and "outside [0, 10)" in bad.stderr
+
+
+def test_offline_export_equals_the_live_one(trained_export, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.export", str(trained_export), "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert_same_tensors(
+        load_file(tmp_path / "ema.safetensors"), load_file(trained_export / "export" / "ema.safetensors")
+    )
