@@ -28,10 +28,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config (secrets redacted) and exit"
     )
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", default=None, help="resume from this checkpoint directory")
     group.add_argument("--no-resume", action="store_true", help="start fresh even if run.dir has checkpoints")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may come between or after the overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:

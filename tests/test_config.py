@@ -117,6 +117,13 @@ def test_print_config_cli():
     assert "canary" not in result.stdout
 
 
+def test_cli_accepts_the_deepspeed_launchers_local_rank():
+    from launch.train import parse_args
+
+    args = parse_args(["configs/demo.yaml", "--local_rank=1", "train.max_steps=5"])
+    assert args.overrides == ["train.max_steps=5"]
+
+
 def test_cli_reports_config_errors_without_a_traceback():
     result = run_cli("configs/demo.yaml", "train.zero_stag=3", "--print-config")
     assert result.returncode == 2
