@@ -197,6 +197,11 @@ def validate(config: Config, world_size: int = 1) -> None:
     )
     choice("train.precision", PRECISIONS)
     choice("train.zero_stage", (0, 1, 2, 3))
+    check(
+        not (train.precision == "fp16" and train.zero_stage == 0),
+        "train.zero_stage",
+        "fp16 needs ZeRO stage >= 1 (DeepSpeed does not scale the loss of a plain optimizer); use 1-3 or bf16",
+    )
     check(train.lr > 0, "train.lr", "must be > 0")
     check(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     check(train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")

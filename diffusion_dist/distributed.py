@@ -27,9 +27,9 @@ class ProcessInfo:
 
 
 def world_size_from_env(env: Mapping[str, str] | None = None) -> int:
-    """Number of ranks the launcher started: torchrun's WORLD_SIZE, else SLURM_NTASKS, else 1."""
+    """Number of ranks the launcher started: torchrun's WORLD_SIZE, else SLURM's task count, else 1."""
     env = os.environ if env is None else env
-    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+    for name in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
         if env.get(name):
             return _int(env, name)
     return 1
@@ -47,14 +47,17 @@ def process_from_env(env: Mapping[str, str] | None = None) -> ProcessInfo:
             _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else 29500,
             "torchrun",
         )
-    if env.get("SLURM_PROCID") and env.get("SLURM_NTASKS"):
+    # Inside srun, SLURM_STEP_NUM_TASKS counts this step's tasks; in a batch script without srun
+    # the step has one task, however many the job asked for.
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    if env.get("SLURM_PROCID") and tasks:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
         # A port derived from the job id: all tasks agree without talking, and two jobs
         # sharing a node do not collide.
         port = _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
         return ProcessInfo(
             _int(env, "SLURM_PROCID"),
-            _int(env, "SLURM_NTASKS"),
+            int(tasks),
             _int(env, "SLURM_LOCALID") if env.get("SLURM_LOCALID") else 0,
             env.get("MASTER_ADDR") or first_host(nodelist),
             port,

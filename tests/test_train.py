@@ -324,16 +324,18 @@ def run_sample(*args) -> subprocess.CompletedProcess:
 def test_sample_cli_writes_a_grid_and_npz_deterministically(trained_export, tmp_path):
     from PIL import Image
 
-    common = [trained_export, "--classes", "0,3", "--per-class", 3, "--steps", 5, "--cfg-scale", 2]
-    assert run_sample(*common, "--seed", 1, "--out", tmp_path / "a").returncode == 0
-    assert run_sample(*common, "--seed", 1, "--out", tmp_path / "b", "--sampler", "ddim").returncode == 0
-    assert run_sample(*common, "--seed", 2, "--out", tmp_path / "c").returncode == 0
+    common = [trained_export, "--classes", "0,3", "--per-class", 3, "--steps", 5, "--cfg-scale", 2, "--sampler"]
+    assert run_sample(*common, "ddpm", "--seed", 1, "--out", tmp_path / "a").returncode == 0
+    assert run_sample(*common, "ddpm", "--seed", 1, "--out", tmp_path / "b").returncode == 0
+    assert run_sample(*common, "ddpm", "--seed", 2, "--out", tmp_path / "c").returncode == 0
+    assert run_sample(*common, "ddim", "--seed", 1, "--out", tmp_path / "d").returncode == 0
     a, b, c = (np.load(tmp_path / f"{n}.npz") for n in "abc")
     assert a["images"].shape == (6, 8, 8, 3) and a["images"].dtype == np.uint8
     assert a["labels"].tolist() == [0, 0, 0, 3, 3, 3]
     assert np.array_equal(a["images"], b["images"]) and not np.array_equal(a["images"], c["images"])
     assert Image.open(tmp_path / "a.png").size == (3 * 8, 2 * 8)
-    bad = run_sample(trained_export, "--classes", "12", "--out", tmp_path / "d")
+    assert np.load(tmp_path / "d.npz")["images"].shape == (6, 8, 8, 3)
+    bad = run_sample(trained_export, "--classes", "12", "--out", tmp_path / "e")
     assert bad.returncode == 2 and "outside [0, 10)" in bad.stderr
 
 
@@ -350,3 +352,33 @@ def test_offline_export_equals_the_live_one(trained_export, tmp_path):
     assert_same_tensors(
         load_file(tmp_path / "ema.safetensors"), load_file(trained_export / "export" / "ema.safetensors")
     )
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_bf16_trains_on_every_zero_path(digits_latents, tmp_path, stage):
+    result = train(
+        overrides(tmp_path, digits_latents, train__max_steps=3, train__precision="bf16", train__zero_stage=stage)
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert all(np.isfinite(record["loss"]) for record in metrics(tmp_path).values())
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "export" / "ema.safetensors").values())
+
+
+def test_ranks_fall_back_together_when_one_ranks_state_is_damaged(digits_latents, tmp_path):
+    assert train(overrides(tmp_path, digits_latents, train__max_steps=10, checkpoint__every=5)).returncode == 0
+    damaged = tmp_path / "checkpoints" / "step-10" / "rank-00001.pt"
+    damaged.write_bytes(b"\0" * damaged.stat().st_size)  # same size: the commit marker cannot tell
+    result = train(overrides(tmp_path, digits_latents, train__max_steps=12, checkpoint__every=5))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged[10:] == [6, 7, 8, 9, 10, 11, 12]  # both ranks went back to step-5
+
+
+def test_no_resume_sets_old_checkpoints_aside(digits_latents, tmp_path):
+    args = dict(checkpoint__every=5, checkpoint__keep=1)
+    assert train(overrides(tmp_path, digits_latents, train__max_steps=20, **args), ranks=0).returncode == 0
+    fresh = train(overrides(tmp_path, digits_latents, train__max_steps=10, **args) + ["--no-resume"], ranks=0)
+    assert fresh.returncode == 0, fresh.stderr
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-10"]
+    (aside,) = tmp_path.glob("checkpoints.before-*")
+    assert [p.name for p in aside.glob("step-*")] == ["step-20"]

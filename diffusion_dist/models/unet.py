@@ -57,7 +57,9 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        # Statistics in float32 even when DeepSpeed has cast the model (and these weights) to bf16/fp16.
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def zero_init(module: nn.Module) -> nn.Module:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,9 @@ class Checkpointer:
         _save_atomic(per_rank, rank_file(directory, self.rank))
         dist.barrier()  # every rank's files are on disk before the marker says so
         if self.rank == 0:
+            missing = [r for r in range(dist.get_world_size()) if not rank_file(directory, r).is_file()]
+            if missing:
+                raise RuntimeError(f"{directory}: ranks {missing} did not write their state; not committing")
             files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
             marker = directory / (COMMIT + ".partial")
             marker.write_text(json.dumps({"step": step, "files": files}, indent=1))
@@ -109,20 +113,35 @@ class Checkpointer:
         return directory
 
     def _prune(self) -> None:
-        """Keep the newest `keep` committed checkpoints (never fewer than the newest one)."""
-        for old in committed_checkpoints(self.root)[max(1, self.keep) :]:
+        """Keep the newest `keep` committed checkpoints (never fewer than the newest one); remove
+        uncommitted leftovers older than the newest (saves that were killed)."""
+        committed = committed_checkpoints(self.root)
+        for old in committed[max(1, self.keep) :]:
             shutil.rmtree(old, ignore_errors=True)
+        for leftover in self.root.glob("step-*"):
+            if leftover not in committed and leftover.is_dir() and step_of(leftover) < step_of(committed[0]):
+                shutil.rmtree(leftover, ignore_errors=True)
 
-    def load(self, engine, directory: Path) -> dict[str, Any]:
-        """This rank's state from `directory`, with DeepSpeed's loaded into `engine`."""
+    def load_rank_state(self, directory: Path) -> dict[str, Any]:
+        """This rank's state in `directory` (checked to come from a job of this world size)."""
         ranks = len(list(directory.glob("rank-*.pt")))
         if ranks != dist.get_world_size():
             raise ValueError(
                 f"{directory} was saved by {ranks} ranks and this job has {dist.get_world_size()}; "
                 "resume with the same number of ranks"
             )
-        per_rank = load_state(rank_file(directory, self.rank))
+        return load_state(rank_file(directory, self.rank))
+
+    def load_engine(self, engine, directory: Path) -> None:
+        """DeepSpeed's model, optimizer and LR-schedule state (a collective)."""
         path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {directory}")
-        return per_rank
+
+    def set_aside(self) -> None:
+        """--no-resume: move existing checkpoints out of the way (never deleted, never pruned as newer)."""
+        if self.rank == 0 and self.root.exists() and any(self.root.glob("step-*")):
+            aside = self.root.with_name(f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.root.rename(aside)
+            log.warning("--no-resume: moved the previous checkpoints to %s", aside)
+        dist.barrier()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import signal
 import time
@@ -108,7 +109,10 @@ class MetricsLog:
 def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh: bool = False) -> int:
     """Train to config.train.max_steps; returns 0, or REQUEUE_EXIT_CODE after a preemption save."""
     # Set up processes, seeds, data, model, engine.
-    device = torch.device(f"cuda:{process.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    preemption = PreemptionFlag(config.run.preempt_signals)  # first: a signal during start-up must not kill us
+    # srun may bind one GPU per task (then every task sees device 0): wrap the local rank.
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{process.local_rank % torch.cuda.device_count()}") if cuda else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     init_process_group(process, device)
@@ -151,24 +155,32 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
     ema = EMA(engine.module, config.train.ema_decay, config.train.ema_warmup)
     checkpointer = Checkpointer(run_dir, config.checkpoint.keep, rank)
     progress = Progress()
+    saved_step = -1  # the step of the newest checkpoint on disk for this run
     export_info = _export_info(config, data)
 
-    # Resume from the newest committed checkpoint (or the one asked for).
-    candidates = [] if fresh else ([Path(resume)] if resume else committed_checkpoints(checkpointer.root))
+    # Resume from the newest committed checkpoint (or the one asked for), chosen on rank 0 and
+    # loaded by all ranks together: ranks must never continue from different checkpoints.
+    if fresh:
+        checkpointer.set_aside()
+    candidates = [Path(resume)] if resume else ([] if fresh else _broadcast(committed_checkpoints(checkpointer.root)))
     for directory in candidates:
-        shared = load_state(directory / SHARED)
+        try:
+            shared = load_state(directory / SHARED)
+            per_rank = checkpointer.load_rank_state(directory)
+            ok = True
+        except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
+            log.warning("cannot read checkpoint %s (%s)", directory, e)
+            ok = False
+        if not _all_ranks(ok, device):
+            if resume:
+                raise TrainingAborted(f"checkpoint {resume} cannot be read on every rank (see warnings)")
+            continue
         if shared["config"]["model"] != to_dict(config)["model"]:
             raise TrainingAborted(
                 f"checkpoint {directory} was made by another model ({shared['config']['model']}); "
                 "use a new run.dir, or --no-resume to start over"
             )
-        try:
-            per_rank = checkpointer.load(engine, directory)
-        except (OSError, RuntimeError, KeyError, ValueError) as e:
-            if resume:
-                raise
-            log.warning("cannot load checkpoint %s (%s); trying the previous one", directory, e)
-            continue
+        checkpointer.load_engine(engine, directory)
         progress = Progress(**shared["progress"])
         data.load_state_dict(per_rank["data"])
         ema.load_state_dict(per_rank["ema"] if ema.partitioned else shared["ema"])
@@ -176,6 +188,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         random.setstate(_python_rng_state(per_rank["rng"]["python"]))
         if device.type == "cuda" and "cuda" in per_rank["rng"]:
             torch.cuda.set_rng_state(per_rank["rng"]["cuda"])
+        saved_step = progress.step
         if rank == 0:
             log.info("resumed from %s at step %d", directory, progress.step)
         break
@@ -189,6 +202,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         return engine(z.to(dtype), t, labels).float()
 
     def save() -> None:
+        nonlocal saved_step
         shared = {
             "progress": asdict(progress),
             "config": to_dict(config),
@@ -208,10 +222,10 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
             **({"ema": ema.state_dict()} if ema.partitioned else {}),
         }
         directory = checkpointer.save(engine, progress.step, shared, per_rank)
+        saved_step = progress.step
         if rank == 0:
             log.info("step %d: checkpoint %s", progress.step, directory)
 
-    preemption = PreemptionFlag(config.run.preempt_signals)
     metrics = MetricsLog(run_dir, rank, diffusion.num_timesteps, device)
     keys_log = (run_dir / "logs" / f"keys-rank{rank}.txt").open("a") if config.run.log_sample_keys else None
     batches = iter(data)
@@ -286,14 +300,29 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         if progress.step % config.checkpoint.every == 0 and progress.step < config.train.max_steps:
             save()
 
-    # Save the final state and the export.
-    save()
+    # Save the final state (unless resumed from it) and the export.
+    if saved_step != progress.step:
+        save()
     weights, raw = ema.full_state_dict(), _full_weights(engine.module)
     if rank == 0:
         directory = write_export(run_dir / "export", weights, {**export_info, "step": progress.step}, raw=raw)
         log.info("done: %d steps; export in %s", progress.step, directory)
     dist.barrier()
     return 0
+
+
+def _broadcast(checkpoints: list[Path]) -> list[Path]:
+    """Rank 0's list of checkpoints on every rank."""
+    box = [checkpoints]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_ranks(ok: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on every rank (a collective)."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
