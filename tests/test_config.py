@@ -54,6 +54,7 @@ def test_defaults_and_yaml_and_overrides_layer(tmp_path):
         (["model.size=UNet-Q"], r"model\.size='UNet-Q': choose one of UNet-T, UNet-S"),
         (["train.precision=fp8"], r"train\.precision='fp8': choose one of fp32, bf16, fp16"),
         (["train.zero_stage=4"], r"train\.zero_stage=4"),
+        (["train.precision=fp16", "train.zero_stage=0"], r"train\.zero_stage=0: fp16 needs ZeRO stage >= 1"),
         (["diffusion.variance=learned"], r"diffusion\.variance='learned'"),
         (["diffusion.sample_steps=2000"], r"diffusion\.sample_steps=2000: must lie in \[1, "),
         (["train.global_batch_size=100", "train.micro_batch_size=32"], r"train\.micro_batch_size=32: .* must divide"),

@@ -474,8 +474,7 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
 def test_folder_to_s3_and_back(digits, s3, tmp_path):
     options = json.dumps({**s3.storage_options, "key": CANARY_KEY_ID, "secret": CANARY_SECRET})
     url = s3.url("latents", "digits")
-    result = run_module(
-        "data_tools.encode_latents",
+    encode_args = [
         "--input",
         digits,
         "--output",
@@ -486,11 +485,10 @@ def test_folder_to_s3_and_back(digits, s3, tmp_path):
         8,
         "--shard-size",
         64,
-        "--num-workers",
-        2,
         "--storage-options",
         options,
-    )
+    ]
+    result = run_module("data_tools.encode_latents", *encode_args, "--num-workers", 2)
     assert result.returncode == 0, result.stderr
     inspected = run_module("data_tools.inspect_shards", url, "--storage-options", options)
     assert inspected.returncode == 0 and "300 samples in 5 shards" in inspected.stdout, inspected.stdout
@@ -503,21 +501,7 @@ def test_folder_to_s3_and_back(digits, s3, tmp_path):
         assert CANARY_KEY_ID not in text and CANARY_SECRET not in text
     assert json.loads(fs.cat_file(f"{s3.bucket}/latents/digits/manifest.json"))["num_samples"] == 300
 
-    again = run_module(
-        "data_tools.encode_latents",
-        "--input",
-        digits,
-        "--output",
-        url,
-        "--vae",
-        "pixel",
-        "--resolution",
-        8,
-        "--shard-size",
-        64,
-        "--storage-options",
-        options,
-    )
+    again = run_module("data_tools.encode_latents", *encode_args)
     assert again.returncode == 0 and "5 units were already done" in again.stderr, again.stderr
 
 

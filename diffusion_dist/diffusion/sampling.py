@@ -101,6 +101,27 @@ def ddim_step(
     return z if noise is None else z + sigma * noise
 
 
+def _reverse_chain(
+    model_fn: ModelFn,
+    diffusion: GaussianDiffusion,
+    noise: torch.Tensor,
+    step: Callable[[int, torch.Tensor, Prediction, torch.Tensor], torch.Tensor],
+    clip_x0: float | None,
+    progress: bool,
+    callback: Callback | None,
+    desc: str,
+) -> torch.Tensor:
+    """Walk the (respaced) chain from z_T = noise down to z_0, one `step(i, t, prediction, z)` at a time."""
+    z = noise
+    for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), desc=desc, disable=not progress):
+        t = torch.full((z.shape[0],), i, device=z.device, dtype=torch.long)
+        pred = diffusion.p_mean_variance(model_fn(z, diffusion.timesteps.to(z.device)[t]), z, t, clip_x0)
+        z = step(i, t, pred, z)
+        if callback is not None:
+            callback(i, z, pred)
+    return z
+
+
 @torch.no_grad()
 def sample_ddpm(
     model_fn: ModelFn,
@@ -113,14 +134,11 @@ def sample_ddpm(
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling, Algorithm 2 of Ho et al. (2020), on the (respaced) chain from z_T = noise."""
-    z = noise
-    for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), desc="DDPM", disable=not progress):
-        t = torch.full((z.shape[0],), i, device=z.device, dtype=torch.long)
-        pred = diffusion.p_mean_variance(model_fn(z, diffusion.timesteps.to(z.device)[t]), z, t, clip_x0)
-        z = ddpm_step(pred, _randn_like(z, generator) if i > 0 else None)
-        if callback is not None:
-            callback(i, z, pred)
-    return z
+
+    def step(i: int, t: torch.Tensor, pred: Prediction, z: torch.Tensor) -> torch.Tensor:
+        return ddpm_step(pred, _randn_like(z, generator) if i > 0 else None)
+
+    return _reverse_chain(model_fn, diffusion, noise, step, clip_x0, progress, callback, "DDPM")
 
 
 @torch.no_grad()
@@ -136,14 +154,11 @@ def sample_ddim(
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021) on the (respaced) chain from z_T = noise: deterministic at η = 0."""
-    z = noise
-    for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), desc="DDIM", disable=not progress):
-        t = torch.full((z.shape[0],), i, device=z.device, dtype=torch.long)
-        pred = diffusion.p_mean_variance(model_fn(z, diffusion.timesteps.to(z.device)[t]), z, t, clip_x0)
-        z = ddim_step(diffusion, pred, t, eta, _randn_like(z, generator) if eta > 0 and i > 0 else None)
-        if callback is not None:
-            callback(i, z, pred)
-    return z
+
+    def step(i: int, t: torch.Tensor, pred: Prediction, z: torch.Tensor) -> torch.Tensor:
+        return ddim_step(diffusion, pred, t, eta, _randn_like(z, generator) if eta > 0 and i > 0 else None)
+
+    return _reverse_chain(model_fn, diffusion, noise, step, clip_x0, progress, callback, "DDIM")
 
 
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim}
