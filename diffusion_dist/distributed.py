@@ -26,15 +26,6 @@ class ProcessInfo:
     launcher: str  # torchrun | slurm | single
 
 
-def world_size_from_env(env: Mapping[str, str] | None = None) -> int:
-    """Number of ranks the launcher started: torchrun's WORLD_SIZE, else SLURM's task count, else 1."""
-    env = os.environ if env is None else env
-    for name in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
-        if env.get(name):
-            return _int(env, name)
-    return 1
-
-
 def process_from_env(env: Mapping[str, str] | None = None) -> ProcessInfo:
     """This process's place in the job, from the launcher's environment variables."""
     env = os.environ if env is None else env

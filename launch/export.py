@@ -17,8 +17,6 @@ from diffusion_dist.train.checkpoint import SHARED, committed_checkpoints, load_
 from diffusion_dist.train.ema import assemble
 from diffusion_dist.train.export import write_export
 
-log = logging.getLogger("launch.export")
-
 
 def export_checkpoint(directory: Path, out: Path) -> Path:
     shared = load_state(directory / SHARED)
