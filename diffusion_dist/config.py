@@ -90,10 +90,13 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = ""  # MLflow tracking URI; empty: MLFLOW_TRACKING_URI, else a local store in run.dir
+    enabled: bool = True  # MLflow tracking from rank 0 (metrics.jsonl in run.dir is written either way)
+    uri: str = ""  # MLflow tracking URI; empty: MLFLOW_TRACKING_URI, else a local store in run.dir/mlflow
     experiment: str = "diffusion-dist"
     log_every: int = 100  # steps between metric logs
-    sample_every: int = 5000  # steps between sample grids; 0 disables
+    sample_every: int = 5000  # steps between EMA sample grids (fixed seed and labels); 0 disables
+    max_pending: int = 10_000  # records held while the server is unreachable; beyond, new ones are dropped
+    flush_timeout: float = 120.0  # seconds the end of a run waits for undelivered records
 
 
 @dataclass
@@ -215,6 +218,8 @@ def validate(config: Config, world_size: int = 1) -> None:
     check(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     check(config.tracking.log_every >= 1, "tracking.log_every", "must be >= 1")
     check(config.tracking.sample_every >= 0, "tracking.sample_every", "must be >= 0 (0 disables)")
+    check(config.tracking.max_pending >= 1, "tracking.max_pending", "must be >= 1")
+    check(config.tracking.flush_timeout >= 0, "tracking.flush_timeout", "must be >= 0 seconds")
 
 
 def gradient_accumulation_steps(config: Config, world_size: int) -> int:
