@@ -7,9 +7,71 @@ from typing import Any
 import numpy as np
 import torch
 
-from .codecs import codec_from_manifest, from_model_space, x0_clip
+from .codecs import Codec, codec_from_manifest, from_model_space, x0_clip
 from .diffusion import GaussianDiffusion, classifier_free_guidance, generate
-from .models import UNet
+from .models import UNet, build_unet
+
+
+def build_from_info(info: dict[str, Any]) -> tuple[UNet, GaussianDiffusion]:
+    """An untrained model and the training chain, as an export's config.json describes them."""
+    model_info, diffusion_info = info["model"], info["diffusion"]
+    model = build_unet(
+        model_info["size"],
+        model_info["in_channels"],
+        model_info["num_classes"],
+        learn_sigma=diffusion_info["variance"] == "learned_range",
+    )
+    diffusion = GaussianDiffusion.from_schedule(
+        diffusion_info["schedule"], diffusion_info["num_timesteps"], diffusion_info["variance"]
+    )
+    return model, diffusion
+
+
+class SampleGrid:
+    """Guided sample grids from EMA weights during training, with fixed labels and a fixed seed so
+    that the grids of different steps compare: one row per class, `per_class` columns.
+
+    Rows are up to `max_classes` evenly spaced classes. The model copy and the codec are built
+    once; sampling never touches the global RNG, so it does not change the training trajectory.
+    """
+
+    def __init__(
+        self,
+        info: dict[str, Any],
+        device: torch.device,
+        *,
+        seed: int = 0,
+        max_classes: int = 10,
+        per_class: int = 8,
+    ) -> None:
+        self.info, self.device, self.seed = info, device, seed
+        num_classes = info["model"]["num_classes"]
+        self.classes = sorted(
+            {c * num_classes // min(num_classes, max_classes) for c in range(min(num_classes, max_classes))}
+        )
+        self.labels = [c for c in self.classes for _ in range(per_class)]
+        with torch.random.fork_rng(devices=[]):  # initialising the copy must not draw from the training RNG
+            self.model, self.diffusion = build_from_info(info)
+        self.model.to(device).eval()
+        self.codec = codec_from_manifest(info["codec"], device)
+
+    def __call__(self, ema_weights: dict[str, torch.Tensor]) -> np.ndarray:
+        """One uint8 image (rows·H, per_class·W, 3) from these weights."""
+        self.model.load_state_dict(ema_weights)
+        defaults = self.info["diffusion"]
+        images = generate_images(
+            self.model,
+            self.diffusion,
+            self.info,
+            self.labels,
+            cfg_scale=defaults["guidance_scale"],
+            steps=defaults["sample_steps"],
+            sampler=defaults["sampler"],
+            seed=self.seed,
+            device=self.device,
+            codec=self.codec,
+        )
+        return image_grid(images, rows=len(self.classes))
 
 
 @torch.no_grad()
@@ -26,9 +88,13 @@ def generate_images(
     device: str | torch.device = "cpu",
     batch_size: int = 64,
     progress: bool = False,
+    codec: Codec | None = None,
 ) -> np.ndarray:
-    """uint8 images (N, H, W, 3) for `labels`, the same for the same seed and arguments."""
-    codec = codec_from_manifest(info["codec"], device)
+    """uint8 images (N, H, W, 3) for `labels`, the same for the same seed and arguments.
+
+    `codec` decodes the latents; by default the one `info` names is loaded (a VAE: seconds).
+    """
+    codec = codec or codec_from_manifest(info["codec"], device)
     chain = diffusion.respaced(steps)
     shape = tuple(info["latent_shape"])
     images = []

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,3 +105,67 @@ def s3(s3_server, monkeypatch):
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     return S3(s3_server, bucket)
+
+
+@pytest.fixture(scope="session")
+def digits_latents(tmp_path_factory) -> Path:
+    """scikit-learn's digits encoded with the pixel codec at 8x8: 1797 labelled latents in 12 shards."""
+    from data_tools import encode_latents
+    from data_tools.make_digits import write_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(root / "images")
+    arguments = ["--input", str(root / "images"), "--output", str(root / "latents"), "--vae", "pixel"]
+    arguments += ["--resolution", "8", "--shard-size", "150", "--num-workers", "1"]
+    assert encode_latents.main(arguments) == 0
+    return root / "latents"
+
+
+class MlflowServer:
+    """A real `mlflow server` on loopback: sqlite backend, artifacts proxied into a local folder.
+
+    stop() kills it (and the workers it spawned) like a crash; start() brings it back on the same
+    port with the same data.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
+        command += ["--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
+        log = open(self.root / "server.log", "a")
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        require_service(False, f"mlflow server did not start on {self.uri} (see {self.root / 'server.log'})")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the server, uvicorn and its job runner
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.uri)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()

@@ -17,38 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_tools import encode_latents
-from data_tools.make_digits import write_digits
 from tests.conftest import ROOT, free_port
 from tests.latent_data import write_dataset
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-@pytest.fixture(scope="session")
-def digits_latents(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digits")
-    write_digits(root / "images")
-    assert (
-        encode_latents.main(
-            [
-                "--input",
-                str(root / "images"),
-                "--output",
-                str(root / "latents"),
-                "--vae",
-                "pixel",
-                "--resolution",
-                "8",
-                "--shard-size",
-                "150",
-                "--num-workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    return root / "latents"
 
 
 def overrides(run_dir: Path, data: Path, **extra) -> list[str]:
@@ -63,6 +35,7 @@ def overrides(run_dir: Path, data: Path, **extra) -> list[str]:
         "checkpoint.every": 1000,
         "run.log_sample_keys": "true",
         "train.max_steps": 10,
+        "tracking.enabled": "false",  # tests/test_tracking.py covers MLflow
     }
     base.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
@@ -84,15 +57,17 @@ def command(args: list[str], ranks: int) -> list[str]:
     ]
 
 
-def train(args: list[str], ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command(args, ranks), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def train(args: list[str], ranks: int = 2, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(args, ranks), cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
 
 
-def start(args: list[str], ranks: int = 2) -> subprocess.Popen:
+def start(args: list[str], ranks: int = 2, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         command(args, ranks),
         cwd=ROOT,
-        env=ENV,
+        env={**ENV, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -151,10 +126,16 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_after_kill_is_bit_identical(digits_latents, tmp_path, stage):
-    """60 steps uninterrupted vs killed (-9, both ranks) after step 37 with checkpoints every 30, then restarted."""
+    """60 steps uninterrupted vs killed (-9, both ranks) after step 37 with checkpoints every 30, then restarted.
+
+    With ZeRO-2, MLflow tracking (local store) and sample grids every 25 steps are on: the restart builds
+    the grid model anew, which must not draw from the training RNG."""
+    tracking = {"tracking__enabled": "true", "tracking__sample_every": 25} if stage == 2 else {}
 
     def args(run_dir: Path) -> list[str]:
-        return overrides(run_dir, digits_latents, train__max_steps=60, checkpoint__every=30, train__zero_stage=stage)
+        return overrides(
+            run_dir, digits_latents, train__max_steps=60, checkpoint__every=30, train__zero_stage=stage, **tracking
+        )
 
     whole = train(args(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stdout + whole.stderr

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..diffusion import GaussianDiffusion
-from ..models import UNet, build_unet
+from ..inference import build_from_info
+from ..models import UNet
 
 WEIGHTS, RAW_WEIGHTS, CONFIG = "ema.safetensors", "model.safetensors", "config.json"
 
@@ -44,15 +45,6 @@ def load_export(directory: str | Path, device: str | torch.device = "cpu") -> tu
     if not (directory / CONFIG).is_file():
         raise FileNotFoundError(f"{directory} holds no export ({CONFIG} + {WEIGHTS}); run python -m launch.export")
     info = json.loads((directory / CONFIG).read_text())
-    model_info, diffusion_info = info["model"], info["diffusion"]
-    model = build_unet(
-        model_info["size"],
-        model_info["in_channels"],
-        model_info["num_classes"],
-        learn_sigma=diffusion_info["variance"] == "learned_range",
-    )
+    model, diffusion = build_from_info(info)
     model.load_state_dict(load_file(directory / WEIGHTS))
-    diffusion = GaussianDiffusion.from_schedule(
-        diffusion_info["schedule"], diffusion_info["num_timesteps"], diffusion_info["variance"]
-    )
     return model.to(device).eval(), diffusion, info

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import random
 import signal
@@ -15,17 +16,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 from ..config import Config, to_dict, to_yaml
 from ..data.storage import redact_url
 from ..data.stream import LatentLoader
 from ..diffusion import GaussianDiffusion, diffusion_loss, timestep_quartile_sums
 from ..distributed import ProcessInfo, init_process_group
+from ..inference import SampleGrid
 from ..models import build_unet
 from .checkpoint import SHARED, Checkpointer, committed_checkpoints, load_state
 from .ema import EMA
 from .engine import DTYPES, build_engine
 from .export import write_export
+from .tracking import Tracker, code_version, local_store, run_params, system_metrics, tracking_uri
 
 log = logging.getLogger("diffusion_dist.train")
 
@@ -66,7 +70,8 @@ class PreemptionFlag:
 
 
 class MetricsLog:
-    """Loss sums kept on the device between log steps; rank 0 appends JSON lines to run.dir/metrics.jsonl."""
+    """Sums kept on the device between log steps (no host sync per step); at a log step they are
+    all-reduced once and rank 0 appends a JSON line to run.dir/metrics.jsonl."""
 
     def __init__(self, run_dir: Path, rank: int, num_timesteps: int, device: torch.device) -> None:
         self.path = run_dir / "metrics.jsonl"
@@ -76,20 +81,39 @@ class MetricsLog:
     def reset(self) -> None:
         self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         self.counts = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.grad_norms = 0
+        self.data_wait = 0.0  # seconds this rank waited for batches
         self.started = time.perf_counter()
         self.steps = 0
+
+    @contextmanager
+    def paused(self):
+        """Time spent here (checkpoints, sample grids) does not count against step time and throughput."""
+        paused = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - paused
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
         sums, counts = timestep_quartile_sums(terms["t"], terms["loss"], self.num_timesteps)
         self.sums += sums
         self.counts += counts
 
-    def write(self, progress: Progress, lr: float, samples_per_step: int) -> dict[str, Any]:
-        """All-reduce the sums since the last write (a collective) and log them."""
+    def end_step(self, grad_norm: float | torch.Tensor | None) -> None:
+        """After an optimizer step; grad_norm is its global gradient norm (None: skipped or not known)."""
+        self.steps += 1
+        if grad_norm is not None:
+            self.grad_norm_sum += torch.as_tensor(grad_norm, dtype=torch.float64, device=self.device)
+            self.grad_norms += 1
+
+    def write(self, progress: Progress, lr: float, samples_per_step: int, loss_scale: float | None) -> dict[str, Any]:
+        """All-reduce the sums since the last write (a collective) and log them on rank 0."""
         totals = torch.cat([self.sums, self.counts])
         dist.all_reduce(totals)
         sums, counts = totals[:4], totals[4:]
-        elapsed = time.perf_counter() - self.started
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
         record = {
             "step": progress.step,
             "loss": (sums.sum() / counts.sum().clamp(min=1)).item(),
@@ -97,9 +121,16 @@ class MetricsLog:
             "lr": lr,
             "samples_seen": progress.samples_seen,
             "skipped_steps": progress.skipped_steps,
-            "samples_per_s": self.steps * samples_per_step / max(elapsed, 1e-9),
+            "samples_per_s": self.steps * samples_per_step / elapsed,
+            "step_time_s": elapsed / max(self.steps, 1),
+            "data_wait_fraction": self.data_wait / elapsed,
         }
+        if self.grad_norms:
+            record["grad_norm"] = (self.grad_norm_sum / self.grad_norms).item()
+        if loss_scale is not None:
+            record["loss_scale"] = float(loss_scale)
         if self.rank == 0:
+            record.update(system_metrics(self.device))
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         self.reset()
@@ -149,6 +180,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         dropout=config.model.dropout,
         gradient_checkpointing=config.model.gradient_checkpointing,
     )
+    num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine = build_engine(model, config, world, device)
     torch.manual_seed(rank_seed)  # dropout and other global draws differ per rank from here on
     dtype = DTYPES[config.train.precision]
@@ -157,6 +189,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
     progress = Progress()
     saved_step = -1  # the step of the newest checkpoint on disk for this run
     export_info = _export_info(config, data)
+    tracking_state: dict[str, Any] | None = None  # the MLflow run of the checkpoint resumed from
 
     # Resume from the newest committed checkpoint (or the one asked for), chosen on rank 0 and
     # loaded by all ranks together: ranks must never continue from different checkpoints.
@@ -189,6 +222,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         if device.type == "cuda" and "cuda" in per_rank["rng"]:
             torch.cuda.set_rng_state(per_rank["rng"]["cuda"])
         saved_step = progress.step
+        tracking_state = shared.get("tracking") or {"run_id": None, "restarts": 0}
         if rank == 0:
             log.info("resumed from %s at step %d", directory, progress.step)
         break
@@ -198,6 +232,9 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
                 f"no checkpoint in {checkpointer.root} could be loaded (see warnings); --no-resume starts over"
             )
 
+    tracker = _start_tracking(config, process, data, num_parameters, tracking_state)
+    grid = _grid_sampler(export_info, config, device) if rank == 0 and config.tracking.sample_every else None
+
     def model_fn(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return engine(z.to(dtype), t, labels).float()
 
@@ -206,7 +243,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         shared = {
             "progress": asdict(progress),
             "config": to_dict(config),
-            "tracking_run_id": None,
+            "tracking": tracker.state_dict(),
             "export": export_info,
             "ema_layout": ema.layout(),
         }
@@ -232,83 +269,102 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
     accumulation = engine.gradient_accumulation_steps()
     stage_zero = config.train.zero_stage == 0
 
-    while progress.step < config.train.max_steps:
-        # Accumulate gradients over micro-batches; DeepSpeed steps the optimizer on the last.
-        skipped_before = engine.skipped_steps
-        non_finite = False
-        for micro in range(accumulation):
-            batch = next(batches)
-            latents = batch.latents.to(device, non_blocking=True)
-            labels = batch.labels.to(device, non_blocking=True)
-            # The loss's draws (t, ε, ξ, label dropout) are keyed to the batch, not the rank:
-            # one rank accumulating two batches computes exactly what two ranks do.
-            generator = torch.Generator(device).manual_seed(batch.seed)
-            terms = diffusion_loss(
-                model_fn,
-                diffusion,
-                latents,
-                labels,
-                null_label=config.model.num_classes,
-                p_uncond=config.diffusion.p_uncond,
-                input_perturbation=config.diffusion.input_perturbation,
-                vlb_weight=config.diffusion.vlb_weight,
-                generator=generator,
-            )
-            engine.backward(terms["loss"].mean())
-            if stage_zero and micro == accumulation - 1:
-                # Without ZeRO, DeepSpeed applies non-finite gradients; they are already
-                # all-reduced here, so every rank sees the same verdict and skips together.
-                non_finite = not _gradients_finite(engine.module)
-            if non_finite:
-                with _optimizer_step_skipped(engine):
-                    engine.step()
-            else:
-                engine.step()
-            metrics.add(terms)
-            if keys_log:
-                keys_log.write("".join(f"{progress.step + 1}\t{key}\n" for key in batch.keys))
+    def loss_scale() -> float | None:
+        return engine.optimizer.cur_scale if config.train.precision == "fp16" else None
 
-        # Count skipped steps; update the EMA after real ones.
-        skipped = non_finite or engine.skipped_steps > skipped_before
-        progress.step += 1
-        progress.samples_seen += config.train.global_batch_size
-        if skipped:
-            progress.skipped_steps += 1
-            progress.consecutive_skips += 1
-            if progress.consecutive_skips >= config.train.max_skipped_steps:
-                raise TrainingAborted(
-                    f"{progress.consecutive_skips} consecutive steps had a non-finite loss or gradient "
-                    f"(at step {progress.step}); check the data (inspect_shards) and lower train.lr"
+    try:
+        while progress.step < config.train.max_steps:
+            # Accumulate gradients over micro-batches; DeepSpeed steps the optimizer on the last.
+            skipped_before = engine.skipped_steps
+            non_finite, grad_norm = False, None
+            for micro in range(accumulation):
+                waited = time.perf_counter()
+                batch = next(batches)
+                metrics.data_wait += time.perf_counter() - waited
+                latents = batch.latents.to(device, non_blocking=True)
+                labels = batch.labels.to(device, non_blocking=True)
+                # The loss's draws (t, ε, ξ, label dropout) are keyed to the batch, not the rank:
+                # one rank accumulating two batches computes exactly what two ranks do.
+                generator = torch.Generator(device).manual_seed(batch.seed)
+                terms = diffusion_loss(
+                    model_fn,
+                    diffusion,
+                    latents,
+                    labels,
+                    null_label=config.model.num_classes,
+                    p_uncond=config.diffusion.p_uncond,
+                    input_perturbation=config.diffusion.input_perturbation,
+                    vlb_weight=config.diffusion.vlb_weight,
+                    generator=generator,
                 )
-        else:
-            progress.consecutive_skips = 0
-            ema.update()
+                engine.backward(terms["loss"].mean())
+                if stage_zero and micro == accumulation - 1:
+                    # Without ZeRO, DeepSpeed applies non-finite gradients; they are already
+                    # all-reduced here, so every rank sees the same verdict and skips together.
+                    grad_norm = _grad_norm(engine.module)
+                    non_finite = not torch.isfinite(grad_norm).item()
+                if non_finite:
+                    with _optimizer_step_skipped(engine):
+                        engine.step()
+                else:
+                    engine.step()
+                metrics.add(terms)
+                if keys_log:
+                    keys_log.write("".join(f"{progress.step + 1}\t{key}\n" for key in batch.keys))
 
-        # Log, checkpoint, and stop for preemption: at step boundaries, on all ranks together.
-        metrics.steps += 1
-        if progress.step % config.tracking.log_every == 0 or progress.step == config.train.max_steps:
-            record = metrics.write(progress, engine.get_lr()[0], config.train.global_batch_size)
-            if rank == 0:
-                log.info("step %d loss %.4f (%.0f samples/s)", record["step"], record["loss"], record["samples_per_s"])
-        if keys_log:
-            keys_log.flush()
-        if preemption.agreed(device):
-            save()
-            if rank == 0:
-                log.info("preempted: saved step %d, exiting with %d (requeue)", progress.step, REQUEUE_EXIT_CODE)
-            return REQUEUE_EXIT_CODE
-        if progress.step % config.checkpoint.every == 0 and progress.step < config.train.max_steps:
-            save()
+            # Count skipped steps; update the EMA after real ones.
+            skipped = non_finite or engine.skipped_steps > skipped_before
+            progress.step += 1
+            progress.samples_seen += config.train.global_batch_size
+            if skipped:
+                progress.skipped_steps += 1
+                progress.consecutive_skips += 1
+                if progress.consecutive_skips >= config.train.max_skipped_steps:
+                    raise TrainingAborted(
+                        f"{progress.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                        f"(at step {progress.step}); check the data (inspect_shards) and lower train.lr"
+                    )
+            else:
+                progress.consecutive_skips = 0
+                ema.update()
+            metrics.end_step(None if skipped else grad_norm if stage_zero else engine.get_global_grad_norm())
 
-    # Save the final state (unless resumed from it) and the export.
-    if saved_step != progress.step:
-        save()
-    weights, raw = ema.full_state_dict(), _full_weights(engine.module)
-    if rank == 0:
-        directory = write_export(run_dir / "export", weights, {**export_info, "step": progress.step}, raw=raw)
-        log.info("done: %d steps; export in %s", progress.step, directory)
-    dist.barrier()
-    return 0
+            # Log, sample, checkpoint, and stop for preemption: at step boundaries, on all ranks together.
+            if progress.step % config.tracking.log_every == 0 or progress.step == config.train.max_steps:
+                record = metrics.write(progress, engine.get_lr()[0], config.train.global_batch_size, loss_scale())
+                step = record.pop("step")
+                tracker.log_metrics(record, step)
+                if rank == 0:
+                    log.info("step %d loss %.4f (%.0f samples/s)", step, record["loss"], record["samples_per_s"])
+            if config.tracking.sample_every and progress.step % config.tracking.sample_every == 0:
+                with metrics.paused():
+                    _sample_grid(grid, ema, tracker, run_dir, progress.step, rank)
+            if keys_log:
+                keys_log.flush()
+            if preemption.agreed(device):
+                save()
+                if rank == 0:
+                    log.info("preempted: saved step %d, exiting with %d (requeue)", progress.step, REQUEUE_EXIT_CODE)
+                tracker.close("KILLED", config.tracking.flush_timeout)
+                return REQUEUE_EXIT_CODE
+            if progress.step % config.checkpoint.every == 0 and progress.step < config.train.max_steps:
+                with metrics.paused():
+                    save()
+
+        # Save the final state (unless resumed from it) and the export.
+        if saved_step != progress.step:
+            save()
+        weights, raw = ema.full_state_dict(), _full_weights(engine.module)
+        if rank == 0:
+            directory = write_export(run_dir / "export", weights, {**export_info, "step": progress.step}, raw=raw)
+            tracker.log_artifacts(directory, "export")
+            log.info("done: %d steps; export in %s", progress.step, directory)
+        dist.barrier()
+        tracker.close("FINISHED", config.tracking.flush_timeout)
+        return 0
+    except BaseException:
+        tracker.close("FAILED", min(10.0, config.tracking.flush_timeout))
+        raise
 
 
 def _broadcast(checkpoints: list[Path]) -> list[Path]:
@@ -334,8 +390,77 @@ def _full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {name: p.detach().float().clone() for name, p in params.items()}
 
 
-def _gradients_finite(module: torch.nn.Module) -> bool:
-    return all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The global 2-norm of the (already all-reduced) gradients, as a tensor: inf or nan if any is not finite."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+def _start_tracking(
+    config: Config, process: ProcessInfo, data: LatentLoader, num_parameters: int, resumed: dict[str, Any] | None
+) -> Tracker:
+    """Rank 0's MLflow run: the checkpoint's run when resuming, else a new one; a no-op elsewhere."""
+    run_id, restarts = (resumed["run_id"], resumed["restarts"] + 1) if resumed else (None, 0)
+    if process.rank != 0 or not config.tracking.enabled:
+        return Tracker.disabled(run_id, restarts)
+    import deepspeed
+
+    manifest, commit = data.manifest, code_version()
+    extra = {
+        "model.num_parameters": num_parameters,
+        "dataset.codec": manifest["codec"]["name"],
+        "dataset.latent_shape": "x".join(map(str, data.latent_shape)),
+        "dataset.num_samples": manifest["num_samples"],
+        "world_size": process.world_size,
+        "version.torch": torch.__version__,
+        "version.deepspeed": deepspeed.__version__,
+        "version.code": commit or "unknown",
+    }
+    tags = {"run_dir": str(Path(config.run.dir).resolve()), "mlflow.source.name": "launch.train"}
+    if commit:
+        tags["mlflow.source.git.commit"] = commit.removesuffix("+dirty")
+    if "SLURM_JOB_ID" in os.environ:
+        tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    uri = tracking_uri(config)
+    local_uri, local_artifacts = local_store(config.run.dir)
+    return Tracker(
+        uri,
+        config.tracking.experiment,
+        config.run.name or Path(config.run.dir).resolve().name,
+        run_id=run_id,
+        restarts=restarts,
+        params=run_params(config, extra),
+        tags=tags,
+        config_yaml=to_yaml(config),
+        artifact_root=local_artifacts if uri == local_uri else None,
+        max_pending=config.tracking.max_pending,
+    )
+
+
+def _grid_sampler(export_info: dict[str, Any], config: Config, device: torch.device) -> SampleGrid | None:
+    try:
+        return SampleGrid(export_info, device, seed=config.run.seed)
+    except Exception as e:  # noqa: BLE001 - e.g. the VAE cannot be loaded offline: train without grids
+        log.warning("sample grids disabled: %s", e)
+        return None
+
+
+def _sample_grid(grid: SampleGrid | None, ema: EMA, tracker: Tracker, run_dir: Path, step: int, rank: int) -> None:
+    """A guided grid from the EMA weights into run.dir/samples/ and MLflow (gathering is a collective under ZeRO-3)."""
+    weights = ema.full_state_dict() if ema.partitioned or rank == 0 else None
+    if grid is None:
+        return
+    started = time.perf_counter()
+    try:
+        image = grid(weights)
+    except Exception as e:  # noqa: BLE001 - a grid must never stop training (e.g. out of memory)
+        log.warning("step %d: no sample grid: %s", step, e)
+        return
+    path = run_dir / "samples" / f"step-{step:07d}.png"
+    path.parent.mkdir(exist_ok=True)
+    Image.fromarray(image).save(path)
+    tracker.log_image(image, "samples", step)
+    log.info("step %d: sample grid %s (%.1f s)", step, path, time.perf_counter() - started)
 
 
 @contextmanager
