@@ -4,7 +4,8 @@ The main job on its embedded default: writes scikit-learn's digits as an image f
 encodes them with the lossless pixel codec into local shards, trains a small
 class-conditional UNet with DeepSpeed ZeRO-2 on 2 CPU ranks (configs/demo.yaml), exports
 the EMA weights and samples a classifier-free-guided grid of all ten digits. Everything
-lands under --run-dir, with a local MLflow-free log in metrics.jsonl.
+lands under --run-dir, MLflow tracking included (a local store in run-dir/mlflow unless
+MLFLOW_TRACKING_URI names a server); the end prints the `mlflow ui` command that opens it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from data_tools import encode_latents
 from data_tools.make_digits import write_digits
 from diffusion_dist.distributed import process_from_env
+from diffusion_dist.train.tracking import local_store, ui_command
 
 from . import sample
 
@@ -85,11 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if code:
         return code
     minutes = (time.perf_counter() - started) / 60
+    tracking = os.environ.get("MLFLOW_TRACKING_URI")
     print(
         f"\ndemo done in {minutes:.1f} min\n"
-        f"  samples (rows = digits 0-9): {run_dir / 'samples.png'}\n"
+        f"  samples (rows = digits 0-9): {run_dir / 'samples.png'}; during training: {run_dir / 'samples'}\n"
         f"  export (EMA safetensors + config): {run_dir / 'export'}\n"
-        f"  metrics: {run_dir / 'metrics.jsonl'}; checkpoints: {run_dir / 'checkpoints'}"
+        f"  metrics: {run_dir / 'metrics.jsonl'}; checkpoints: {run_dir / 'checkpoints'}\n"
+        f"  MLflow (experiment 'demo'): "
+        + (f"{tracking}" if tracking else f"{ui_command(local_store(run_dir)[0])}  then open http://127.0.0.1:5000")
     )
     return 0
 

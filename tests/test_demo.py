@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+from PIL import Image
 
 from tests.conftest import ROOT
 
@@ -13,7 +14,8 @@ def test_demo_trains_recognisable_digits(tmp_path):
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
 
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["DS_ACCELERATOR"] = "cpu"
     result = subprocess.run(
         [sys.executable, "-m", "launch.demo", "--run-dir", str(tmp_path)],
         cwd=ROOT,
@@ -27,9 +29,29 @@ def test_demo_trains_recognisable_digits(tmp_path):
 
     digits = load_digits()
     classifier = LogisticRegression(max_iter=5000).fit(digits.data, digits.target)
+
+    def accuracy(images: np.ndarray, labels: np.ndarray) -> float:
+        gray = images.astype(float).mean(axis=-1) * 16 / 255  # the classifier's 0..16 scale
+        return (classifier.predict(gray.reshape(len(gray), -1)) == labels).mean()
+
     samples = np.load(tmp_path / "samples.npz")
     assert samples["images"].shape == (80, 8, 8, 3)
-    gray = samples["images"].astype(float).mean(axis=-1) * 16 / 255  # the classifier's 0..16 scale
-    predicted = classifier.predict(gray.reshape(len(gray), -1))
-    accuracy = (predicted == samples["labels"]).mean()
-    assert accuracy >= 0.8, f"only {accuracy:.0%} of generated digits are classified as their conditioning class"
+    score = accuracy(samples["images"], samples["labels"])
+    assert score >= 0.8, f"only {score:.0%} of generated digits are classified as their conditioning class"
+
+    # The local MLflow store: one finished run, the loss every 20 steps, a sample grid every 500
+    # whose last one (rows = digits 0-9, 8 columns) shows the digits as well.
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    assert f"mlflow ui --backend-store-uri {uri}" in result.stdout
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(20, 2001, 20))
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == [500, 1000, 1500, 2000]
+    grid = np.asarray(Image.open(tmp_path / "samples" / "step-0002000.png").convert("RGB"))
+    tiles = grid.reshape(10, 8, 8, 8, 3).swapaxes(1, 2).reshape(80, 8, 8, 3)
+    score = accuracy(tiles, np.repeat(np.arange(10), 8))
+    assert score >= 0.8, f"only {score:.0%} of the last training grid's digits are classified as their row"
