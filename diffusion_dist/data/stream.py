@@ -375,6 +375,9 @@ class LatentLoader:
             worker_init_fn=_worker_init,
             prefetch_factor=4 if self.num_workers else None,
             persistent_workers=False,
+            # Its own generator: drawing the workers' base seed from the global RNG would shift the
+            # training's dropout draws when a resumed run starts iterating at another point.
+            generator=torch.Generator().manual_seed(self.seed * 65_537 + self.rank),
         )
         for item in loader:
             self.positions[item.local_slot] = item.position
