@@ -233,7 +233,14 @@ def _get(config: Config, dotted_key: str) -> Any:
 
 
 # Keys whose values are credentials: never printed, logged or stored.
-_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|(^|_)key(_|$)", re.I)
+# Keys whose values are credentials, in fsspec / boto / azure / gcs option names: secret, password,
+# token, credential, auth headers, cookies, connection strings (hold an account key), SAS and
+# signatures, and *key* as a word (key, access_key_id, accountKey; not log_sample_keys).
+_SECRET_KEY = re.compile(
+    r"secret|passw|token|credential|auth|cookie|connection_?string|signature|(^|_)sas(_|$)"
+    r"|(^|_)key(_|$)|(?<=[a-z])Key(_|$)|(?<=[a-z])key$",
+    re.I,
+)
 
 
 def redact(value: Any) -> Any:

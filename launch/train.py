@@ -53,6 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    # MLflow: the tracker's thread retries for as long as the run lasts, MLflow's own retries (7,
+    # exponential: minutes per call) would only hold its queue back; and run URLs printed to
+    # stdout could carry user:password@ from the tracking URI.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from diffusion_dist.train.loop import TrainingAborted, train
 
     try:

@@ -128,9 +128,9 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def test_resume_after_kill_is_bit_identical(digits_latents, tmp_path, stage):
     """60 steps uninterrupted vs killed (-9, both ranks) after step 37 with checkpoints every 30, then restarted.
 
-    With ZeRO-2, MLflow tracking (local store) and sample grids every 25 steps are on: the restart builds
-    the grid model anew, which must not draw from the training RNG."""
-    tracking = {"tracking__enabled": "true", "tracking__sample_every": 25} if stage == 2 else {}
+    With ZeRO-2, MLflow tracking (local store), sample grids every 25 steps and dropout (which draws
+    from the global RNG) are on: the restart builds the grid model anew, which must not draw from it."""
+    tracking = {"tracking__enabled": "true", "tracking__sample_every": 25, "model__dropout": 0.1} if stage == 2 else {}
 
     def args(run_dir: Path) -> list[str]:
         return overrides(

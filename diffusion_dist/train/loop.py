@@ -9,6 +9,7 @@ import pickle
 import random
 import signal
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -222,7 +223,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         if device.type == "cuda" and "cuda" in per_rank["rng"]:
             torch.cuda.set_rng_state(per_rank["rng"]["cuda"])
         saved_step = progress.step
-        tracking_state = shared.get("tracking") or {"run_id": None, "restarts": 0}
+        tracking_state = shared.get("tracking") or {"restarts": 0}
         if rank == 0:
             log.info("resumed from %s at step %d", directory, progress.step)
         break
@@ -345,7 +346,8 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
                 save()
                 if rank == 0:
                     log.info("preempted: saved step %d, exiting with %d (requeue)", progress.step, REQUEUE_EXIT_CODE)
-                tracker.close("KILLED", config.tracking.flush_timeout)
+                tracker.close("KILLED", min(10.0, config.tracking.flush_timeout))  # before SLURM's KillWait ends
+                dist.barrier()  # exit together: srun --kill-on-bad-exit would cut rank 0's flush short
                 return REQUEUE_EXIT_CODE
             if progress.step % config.checkpoint.every == 0 and progress.step < config.train.max_steps:
                 with metrics.paused():
@@ -400,9 +402,12 @@ def _start_tracking(
     config: Config, process: ProcessInfo, data: LatentLoader, num_parameters: int, resumed: dict[str, Any] | None
 ) -> Tracker:
     """Rank 0's MLflow run: the checkpoint's run when resuming, else a new one; a no-op elsewhere."""
-    run_id, restarts = (resumed["run_id"], resumed["restarts"] + 1) if resumed else (None, 0)
+    resumed = resumed or {}
+    run_id = resumed.get("run_id")
+    run_key = resumed.get("run_key") or uuid.uuid4().hex  # os.urandom: leaves the training RNG alone
+    restarts = resumed["restarts"] + 1 if resumed else 0
     if process.rank != 0 or not config.tracking.enabled:
-        return Tracker.disabled(run_id, restarts)
+        return Tracker.disabled(run_id, run_key, restarts)
     import deepspeed
 
     manifest, commit = data.manifest, code_version()
@@ -428,6 +433,7 @@ def _start_tracking(
         config.tracking.experiment,
         config.run.name or Path(config.run.dir).resolve().name,
         run_id=run_id,
+        run_key=run_key,
         restarts=restarts,
         params=run_params(config, extra),
         tags=tags,
@@ -451,14 +457,14 @@ def _sample_grid(grid: SampleGrid | None, ema: EMA, tracker: Tracker, run_dir: P
     if grid is None:
         return
     started = time.perf_counter()
+    path = run_dir / "samples" / f"step-{step:07d}.png"
     try:
         image = grid(weights)
-    except Exception as e:  # noqa: BLE001 - a grid must never stop training (e.g. out of memory)
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(image).save(path)
+    except Exception as e:  # noqa: BLE001 - a grid must never stop training (out of memory, disk full)
         log.warning("step %d: no sample grid: %s", step, e)
         return
-    path = run_dir / "samples" / f"step-{step:07d}.png"
-    path.parent.mkdir(exist_ok=True)
-    Image.fromarray(image).save(path)
     tracker.log_image(image, "samples", step)
     log.info("step %d: sample grid %s (%.1f s)", step, path, time.perf_counter() - started)
 

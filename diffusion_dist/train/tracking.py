@@ -8,7 +8,8 @@ count that the end of the run reports. The run id and a restart count live in ev
 checkpoint, so a resumed or requeued job continues the same MLflow run.
 
 Credentials reach MLflow only through its own environment variables
-(MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN); params are the redacted config.
+(MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN); params are the redacted config. launch.train
+sets MLflow's HTTP retries to 0 (this thread retries instead) and stops it printing run URLs.
 """
 
 from __future__ import annotations
@@ -31,19 +32,11 @@ from ..data.storage import redact_text
 
 log = logging.getLogger(__name__)
 
-# Server answers that no retry can change: the record is dropped with a warning.
-PERMANENT_ERRORS = frozenset(
-    {
-        "BAD_REQUEST",
-        "INVALID_PARAMETER_VALUE",
-        "INVALID_STATE",
-        "RESOURCE_ALREADY_EXISTS",
-        "RESOURCE_DOES_NOT_EXIST",
-        "PERMISSION_DENIED",
-        "UNAUTHENTICATED",
-        "ENDPOINT_NOT_FOUND",
-    }
+# Failures worth retrying: the server is down, slow, overloaded or restarting.
+TRANSIENT_ERRORS = frozenset(
+    {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 )
+RUN_KEY_TAG = "diffusion_dist.run_key"  # finds the run of a job whose checkpoints predate its run id
 METRICS_PER_BATCH = 900  # MLflow's log_batch takes at most 1000 metrics
 PARAMS_PER_BATCH = 100  # ... and at most 100 params
 PARAM_VALUE_CHARS = 6000
@@ -117,7 +110,7 @@ def system_metrics(device: torch.device) -> dict[str, float]:
         torch.cuda.reset_peak_memory_stats(device)
         try:
             metrics["system/gpu_utilization_percent"] = torch.cuda.utilization(device)
-        except (ModuleNotFoundError, RuntimeError):  # needs pynvml
+        except Exception:  # noqa: BLE001 - needs pynvml and NVML support (not on MIG slices)
             pass
     return metrics
 
@@ -142,6 +135,7 @@ class Tracker:
         run_name: str,
         *,
         run_id: str | None = None,
+        run_key: str | None = None,
         restarts: int = 0,
         params: dict[str, str] | None = None,
         tags: dict[str, str] | None = None,
@@ -150,38 +144,40 @@ class Tracker:
         max_pending: int = 10_000,
         max_retry_delay: float = 30.0,
     ) -> None:
-        self.uri, self.run_id, self.restarts = uri, run_id, restarts
+        self.uri, self.run_id, self.run_key, self.restarts = uri, run_id, run_key, restarts
         self.enabled = uri is not None
         self.max_pending, self.max_retry_delay = max_pending, max_retry_delay
         self.dropped = 0  # records refused because the queue was full
         self.failed = 0  # records the server rejected for good
         self._pending: deque[_Record] = deque()
         self._changed = threading.Condition()
+        self._closing = threading.Event()  # ends a retry wait early: close() waits for delivery
         self._stopped = False  # the thread gave up (the run could not be opened for good)
         if not self.enabled:
             return
-        # Our thread retries with backoff for as long as the run lasts; MLflow's own retries
-        # (7, exponential: minutes per call) would only hold the head of the queue back.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        # Imported here, on the calling thread: importing in the delivery thread while the
+        # DataLoader forks its workers could leave a child with an import lock held.
+        import mlflow  # noqa: F401
+
         opening = {
             "experiment": experiment,
             "artifact_root": artifact_root,
             "run_name": run_name,
             "params": params or {},
-            "tags": {**(tags or {}), "restarts": str(restarts)},
+            "tags": {**(tags or {}), "restarts": str(restarts), **({RUN_KEY_TAG: run_key} if run_key else {})},
             "config_yaml": config_yaml,
         }
         self._pending.append(_Record("open", opening))
         threading.Thread(target=self._deliver_forever, name="mlflow-tracking", daemon=True).start()
 
     @classmethod
-    def disabled(cls, run_id: str | None = None, restarts: int = 0) -> Tracker:
-        return cls(None, "", "", run_id=run_id, restarts=restarts)
+    def disabled(cls, run_id: str | None = None, run_key: str | None = None, restarts: int = 0) -> Tracker:
+        return cls(None, "", "", run_id=run_id, run_key=run_key, restarts=restarts)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps so that a resumed job continues this run."""
-        return {"run_id": self.run_id, "restarts": self.restarts}
+        """What a checkpoint keeps so that a resumed job continues this run (found by its key while
+        the server was unreachable and the run id is not known yet)."""
+        return {"run_id": self.run_id, "run_key": self.run_key, "restarts": self.restarts}
 
     # What the loop calls: each returns at once.
 
@@ -202,6 +198,7 @@ class Tracker:
         if not self.enabled:
             return {"undelivered": 0, "dropped": 0, "failed": 0}
         self._put(_Record("finish", status), droppable=False)
+        self._closing.set()
         deadline = time.monotonic() + timeout
         with self._changed:
             while self._pending and not self._stopped and (left := deadline - time.monotonic()) > 0:
@@ -251,8 +248,8 @@ class Tracker:
 
                     client = MlflowClient(self.uri)
                 self._deliver(client, batch)
-            except Exception as e:  # noqa: BLE001 - anything MLflow or the network raises
-                if getattr(e, "error_code", None) not in PERMANENT_ERRORS:
+            except Exception as e:  # noqa: BLE001 - whatever MLflow or the network raises
+                if _transient(e):
                     if outage_since is None:
                         outage_since = time.monotonic()
                         log.warning(
@@ -260,11 +257,11 @@ class Tracker:
                             redact_text(self.uri),
                             _short(e),
                         )
-                    time.sleep(delay)
+                    self._closing.wait(delay)
                     delay = min(2 * delay, self.max_retry_delay)
                     continue
                 self.failed += len(batch)
-                log.warning("tracking: the server rejected a %s record: %s", batch[0].kind, _short(e))
+                log.warning("tracking: a %s record failed for good and is dropped: %s", batch[0].kind, _short(e))
                 if batch[0].kind == "open":  # nothing can be logged without a run
                     with self._changed:
                         self._stopped = True
@@ -349,13 +346,20 @@ class Tracker:
                 log.warning(
                     "tracking: run %s from the checkpoint is not on this server; starting a new run", self.run_id
                 )
+        elif self.run_key:  # an earlier start of this job may have opened its run after its last checkpoint
+            found = client.search_runs(
+                [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{self.run_key}'", max_results=1
+            )
+            run = found[0] if found else None
         if run is None:
             run = client.create_run(experiment_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
             log.info("tracking: MLflow run %s in experiment %r at %s", self.run_id, experiment, redact_text(self.uri))
         else:
+            self.run_id = run.info.run_id
             client.update_run(self.run_id, status="RUNNING")
             log.info("tracking: continuing MLflow run %s (restart %s)", self.run_id, tags["restarts"])
+        # The run exists: from here a rejected piece is dropped, tracking goes on.
         logged = run.data.params
         new = [(k, v) for k, v in params.items() if k not in logged]
         changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
@@ -363,17 +367,42 @@ class Tracker:
             tags = {**tags, f"changed_params.restart{tags['restarts']}": json.dumps(changed)[:PARAM_VALUE_CHARS]}
         from mlflow.entities import Param
 
-        for start in range(0, len(new), PARAMS_PER_BATCH):
-            client.log_batch(self.run_id, params=[Param(k, v) for k, v in new[start : start + PARAMS_PER_BATCH]])
-        client.log_batch(self.run_id, tags=_tags(tags))
+        pieces = [
+            (
+                "params",
+                lambda chunk=new[i : i + PARAMS_PER_BATCH]: client.log_batch(
+                    self.run_id, params=[Param(k, v) for k, v in chunk]
+                ),
+            )
+            for i in range(0, len(new), PARAMS_PER_BATCH)
+        ]
+        pieces.append(("tags", lambda: client.log_batch(self.run_id, tags=_tags(tags))))
         if config_yaml:
-            client.log_text(self.run_id, config_yaml, "config.yaml")
+            pieces.append(("config.yaml", lambda: client.log_text(self.run_id, config_yaml, "config.yaml")))
+        for what, log_piece in pieces:
+            try:
+                log_piece()
+            except Exception as e:  # noqa: BLE001
+                if _transient(e):
+                    raise  # retry the whole opening: it finds the run by its id now
+                self.failed += 1
+                log.warning("tracking: the server rejected the run's %s: %s", what, _short(e))
 
 
 def _tags(tags: dict[str, str]) -> list:
     from mlflow.entities import RunTag
 
     return [RunTag(k, v) for k, v in tags.items()]
+
+
+def _transient(error: Exception) -> bool:
+    """A failure of the server or the network (retry), not of the record (drop)."""
+    import requests
+
+    code = getattr(error, "error_code", None)
+    if code is not None:
+        return code in TRANSIENT_ERRORS
+    return isinstance(error, (requests.exceptions.RequestException, ConnectionError, TimeoutError))
 
 
 def _now_ms() -> int:
