@@ -69,8 +69,10 @@ if ! SLURM_PROCID=0 SLURM_STEP_NUM_TASKS=$SLURM_NTASKS "$PYTHON" -m launch.train
     exit 2
 fi
 
-# --kill-on-bad-exit: a rank that fails takes the others down instead of leaving them in a collective.
-srun --kill-on-bad-exit=1 "$PYTHON" -u -m launch.train "$@"
+# --wait: once one rank has ended, the others get 60 s, then SLURM ends them, so a rank that fails
+# does not leave the rest waiting in a collective. Not --kill-on-bad-exit: after a preemption save
+# all ranks exit with 75 together, and the first would kill the others before they exit.
+srun --kill-on-bad-exit=0 --wait=60 "$PYTHON" -u -m launch.train "$@"
 code=$?
 
 if [[ $code -eq $REQUEUE_EXIT_CODE ]]; then

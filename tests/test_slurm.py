@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import ROOT, require_service
 from tests.test_tracking import experiment_runs, metric_steps
-from tests.test_train import ENV, metrics
+from tests.test_train import ENV, metrics, overrides
 
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # 2 nodes x 1 CPU task; sbatch's #SBATCH GPU defaults do not fit the test cluster.
@@ -59,13 +59,17 @@ class Cluster:
             time.sleep(1)
         raise TimeoutError(f"job {job_id} did not reach {states}: {self.job(job_id)}")
 
-    def restart_now(self, job_id: str, restarts: int) -> None:
-        """Wait for a requeued job to be pending again and start it now: SLURM delays the begin time of a
-        requeued job (by about two minutes), which is right on a cluster and slow in a test."""
-        self.wait(job_id, {"PENDING"}, timeout=120)
-        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-        job = self.wait(job_id, {"RUNNING", *FINISHED}, timeout=120)
-        assert int(job["Restarts"]) == restarts, job
+    def wait_restarted(self, job_id: str, restarts: int, timeout: float = 180) -> None:
+        """A requeued job running again: SLURM holds it until the credentials of its previous run
+        expire (AuthInfo=cred_expire, 10 s on the test cluster)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if int(job["Restarts"]) == restarts and job["JobState"] in {"RUNNING", *FINISHED}:
+                assert job["JobState"] in ("RUNNING", "COMPLETED"), job
+                return
+            time.sleep(1)
+        raise TimeoutError(f"job {job_id} did not start again: {self.job(job_id)}")
 
 
 @pytest.fixture(scope="session")
@@ -85,19 +89,15 @@ def slurm(tmp_path_factory):
 
 
 def train_overrides(run_dir: Path, data: Path, **extra) -> list[str]:
-    base = {
-        "run.dir": run_dir,
-        "data.url": data,
-        "data.num_workers": 1,
-        "train.global_batch_size": 16,
-        "train.micro_batch_size": 8,
-        "train.warmup_steps": 0,
-        "run.log_sample_keys": "true",
-        "tracking.log_every": 5,
-        "tracking.sample_every": 0,
-    }
-    base.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in base.items()]
+    """tests/test_train.py's small run, with MLflow on and metrics every 5 steps."""
+    extra = {"tracking__enabled": "true", "tracking__log_every": 5, "checkpoint__every": 20, **extra}
+    return overrides(run_dir, data, **extra)
+
+
+def sbatch_train(slurm: Cluster, log: Path, args: list[str], tracking_uri: str) -> str:
+    """train.sh on 2 nodes x 1 CPU task; the tracking server reaches the ranks through the environment."""
+    arguments = [*CPU_JOB, f"--output={log}", "slurm/train.sh", "configs/demo.yaml", *args]
+    return slurm.sbatch(*arguments, env={"MLFLOW_TRACKING_URI": tracking_uri})
 
 
 def committed_steps(run_dir: Path) -> list[int]:
@@ -123,14 +123,7 @@ def test_train_sh_runs_one_rank_per_node(slurm, digits_latents, mlflow_server, t
         run_dir, digits_latents, train__max_steps=20, checkpoint__every=10, tracking__experiment="sbatch"
     )
     log = tmp_path / "job.out"
-    job_id = slurm.sbatch(
-        *CPU_JOB,
-        f"--output={log}",
-        "slurm/train.sh",
-        "configs/demo.yaml",
-        *args,
-        env={"MLFLOW_TRACKING_URI": mlflow_server.uri},
-    )
+    job_id = sbatch_train(slurm, log, args, mlflow_server.uri)
     job = slurm.wait(job_id)
     output = log.read_text()
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), output
@@ -150,22 +143,13 @@ def test_train_sh_requeues_after_the_time_limit_signal_and_on_scontrol_requeue(
     save and exit 75, train.sh requeues the job) and `scontrol requeue` (SIGTERM: the ranks save,
     SLURM requeues). Each start resumes from the newest checkpoint; one MLflow run throughout."""
     run_dir = tmp_path / "run"
-    args = train_overrides(
-        run_dir, digits_latents, train__max_steps=400, checkpoint__every=20, tracking__experiment="requeue"
-    )
+    args = train_overrides(run_dir, digits_latents, train__max_steps=400, tracking__experiment="requeue")
     log = tmp_path / "job.out"
-    job_id = slurm.sbatch(
-        *CPU_JOB,
-        f"--output={log}",
-        "slurm/train.sh",
-        "configs/demo.yaml",
-        *args,
-        env={"MLFLOW_TRACKING_URI": mlflow_server.uri},
-    )
+    job_id = sbatch_train(slurm, log, args, mlflow_server.uri)
 
     wait_for(lambda: committed_steps(run_dir), what="a first checkpoint")
     slurm.run("scancel", "--signal=USR1", job_id)
-    slurm.restart_now(job_id, restarts=1)
+    slurm.wait_restarted(job_id, restarts=1)
     first_resume = int(
         wait_for(lambda: re.findall(r"resumed from \S+ at step (\d+)", log.read_text()), what="resume")[0]
     )
@@ -173,7 +157,7 @@ def test_train_sh_requeues_after_the_time_limit_signal_and_on_scontrol_requeue(
 
     wait_for(lambda: max(committed_steps(run_dir)) > first_resume, what="a checkpoint after the resume")
     slurm.run("scontrol", "requeue", job_id)
-    slurm.restart_now(job_id, restarts=2)
+    slurm.wait_restarted(job_id, restarts=2)
     job = slurm.wait(job_id)
     output = log.read_text()
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), output
@@ -191,7 +175,7 @@ def test_submitit_job_checkpoints_requeues_and_finishes(slurm, digits_latents, t
     import submitit
 
     run_dir = tmp_path / "run"
-    args = train_overrides(run_dir, digits_latents, train__max_steps=400, checkpoint__every=20)
+    args = train_overrides(run_dir, digits_latents, train__max_steps=400, tracking__enabled="false")
     submit = subprocess.run(
         [
             sys.executable,
@@ -222,7 +206,7 @@ def test_submitit_job_checkpoints_requeues_and_finishes(slurm, digits_latents, t
 
     wait_for(lambda: committed_steps(run_dir), what="a first checkpoint")
     slurm.run("scancel", "--signal=USR2", job_id)  # what submitit's --signal sends before the time limit
-    slurm.restart_now(job_id, restarts=1)
+    slurm.wait_restarted(job_id, restarts=1)
     job = slurm.wait(job_id)
     logs = "".join(p.read_text() for p in (run_dir / "submitit" / job_id).glob("*.out"))
     logs += "".join(p.read_text() for p in (run_dir / "submitit" / job_id).glob("*.err"))

@@ -347,7 +347,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
                 if rank == 0:
                     log.info("preempted: saved step %d, exiting with %d (requeue)", progress.step, REQUEUE_EXIT_CODE)
                 tracker.close("KILLED", min(10.0, config.tracking.flush_timeout))  # before SLURM's KillWait ends
-                dist.barrier()  # exit together: srun --kill-on-bad-exit would cut rank 0's flush short
+                dist.barrier()  # ranks end together: launchers end the others when the first one exits
                 return REQUEUE_EXIT_CODE
             if progress.step % config.checkpoint.every == 0 and progress.step < config.train.max_steps:
                 with metrics.paused():
@@ -361,8 +361,8 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
             directory = write_export(run_dir / "export", weights, {**export_info, "step": progress.step}, raw=raw)
             tracker.log_artifacts(directory, "export")
             log.info("done: %d steps; export in %s", progress.step, directory)
-        dist.barrier()
         tracker.close("FINISHED", config.tracking.flush_timeout)
+        dist.barrier()  # ranks end together: launchers end the others when the first one exits
         return 0
     except BaseException:
         tracker.close("FAILED", min(10.0, config.tracking.flush_timeout))
