@@ -34,6 +34,7 @@ import heapq
 import logging
 import math
 import os
+import signal
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -428,6 +429,11 @@ class LatentLoader:
 
 
 def _worker_init(worker_id: int) -> None:
+    # SLURM signals every process of a job step: a worker must outlive the preemption signals
+    # (torch's own SIGTERM handler would end it) so that its rank can still save a checkpoint.
+    # The main process ends its workers when it is done; their watchdog ends them if it dies.
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     # The main process owns the cores for training; each worker decodes on one thread.
     torch.set_num_threads(1)
     threading.current_thread().name = f"latent-worker-{worker_id}-{os.getpid()}"
