@@ -4,7 +4,8 @@ Submits training through submitit (SLURM, or `--cluster local` to debug on this 
 the resources of slurm/train.sh: one task per GPU on every node. The submitted callable is
 checkpointable: SLURM sends SIGUSR2 `--signal-delay` seconds before the time limit (submitit's
 convention), every rank saves a checkpoint at the next step boundary, and the job requeues
-itself; the next start resumes from run.dir into the same MLflow run. The config is checked
+itself; the next start resumes from run.dir into the same MLflow run. SIGTERM (scancel, a
+scheduler preemption) saves too but does not requeue: a preempting scheduler requeues itself. The config is checked
 for the world size nodes × tasks per node before anything is submitted (exit 2 on bad input).
 """
 
@@ -35,20 +36,22 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.overrides = list(overrides)
 
     def __call__(self) -> int:
-        submitit.helpers.TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, MASTER_ADDR, ...
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        from diffusion_dist.train.loop import REQUEUE_EXIT_CODE
+        # torch.distributed's variables from submitit's view of the job. CUDA_VISIBLE_DEVICES stays
+        # as SLURM set it: the trainer picks cuda:LOCAL_RANK among the devices it sees.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        from diffusion_dist.train.loop import REQUEUE_EXIT_CODE, PreemptionFlag
 
         from . import train
 
-        # SIGUSR2 replaces submitit's own handler: the save is collective, so every rank must take part
-        # (submitit would checkpoint on rank 0 alone and exit at once). SIGTERM keeps submitit's
-        # meaning (ignored until SIGKILL), so that scancel does not lead to a requeue.
-        code = train.main([self.config_path, *self.overrides, f"run.preempt_signals=[{PREEMPT_SIGNAL}]"])
+        # The trainer takes SIGUSR2 from submitit's handler: the save is collective, so every rank
+        # must take part (submitit would checkpoint on rank 0 alone and exit at once). SIGTERM
+        # (scancel, scheduler preemption) also saves, but only the time-limit warning requeues.
+        signals = f"run.preempt_signals=[{PREEMPT_SIGNAL},SIGTERM]"
+        code = train.main([self.config_path, *self.overrides, signals])
         if code == REQUEUE_EXIT_CODE:
             environment = submitit.JobEnvironment()
-            if environment.global_rank == 0:
-                self._requeue(environment.job_id)
+            if environment.global_rank == 0 and PREEMPT_SIGNAL in PreemptionFlag.received:
+                self._requeue()
             # Exit without a result: submitit would report a finished job to whoever waits on it.
             raise SystemExit(code)
         if code:
@@ -60,10 +63,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainJob(self.config_path, self.overrides))
 
     @staticmethod
-    def _requeue(job_id: str) -> None:
+    def _requeue() -> None:
         if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            job_id = os.environ["SLURM_JOB_ID"]  # this job (an array task has its own)
             logging.getLogger(__name__).warning("preempted after a checkpoint: requeueing job %s", job_id)
-            subprocess.run(["scontrol", "requeue", job_id.split("_")[0]], check=True)
+            subprocess.run(["scontrol", "requeue", job_id], check=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -144,12 +148,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         executor.update_parameters(
             slurm_signal_delay_s=args.signal_delay,
             slurm_additional_parameters={"requeue": True},
+            # As slurm/train.sh: srun takes cpus-per-task explicitly (Slurm >= 22.05), and ends the
+            # other ranks a minute after one ended rather than at once (they exit 75 together).
+            slurm_srun_args=["--cpus-per-task", str(args.cpus_per_task), "--kill-on-bad-exit=0", "--wait=60"],
+            slurm_setup=["export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}"],
             **({"slurm_partition": args.partition} if args.partition else {}),
             **({"slurm_account": args.account} if args.account else {}),
         )
     job = executor.submit(TrainJob(args.config, args.overrides))
     print(f"submitted job {job.job_id} ({executor.cluster}, {world} ranks)")
-    print(f"  logs: {job.paths.stdout} and {job.paths.stderr} (one per task: %t)")
+    logs = Path(str(job.paths.stdout).replace(f"{job.job_id}_0_", f"{job.job_id}_<task>_"))
+    print(f"  logs: {logs} and .err, one pair per task")
     print(f"  run:  {Path(config.run.dir).resolve()}")
     return 0
 

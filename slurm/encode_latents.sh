@@ -34,6 +34,12 @@ if [[ -z ${SLURM_ARRAY_TASK_ID:-} ]]; then
     echo "error: submit as an array: sbatch --array=0-<N-1> slurm/encode_latents.sh --input ... --output ..." >&2
     exit 2
 fi
+if [[ ${SLURM_ARRAY_TASK_MIN:-0} != 0 || $((SLURM_ARRAY_TASK_MAX + 1)) != "$SLURM_ARRAY_TASK_COUNT" ]]; then
+    echo "error: the array must be 0-<N-1> with every index (got min ${SLURM_ARRAY_TASK_MIN:-?}," \
+        "max ${SLURM_ARRAY_TASK_MAX:-?}, count $SLURM_ARRAY_TASK_COUNT); to finish a partial run, resubmit" \
+        "the whole array: finished shards are skipped" >&2
+    exit 2
+fi
 for argument in "$@"; do
     if [[ $argument == --rank* || $argument == --world-size* || $argument == --finalize ]]; then
         echo "error: $argument comes from the array (SLURM_ARRAY_TASK_ID / _COUNT); drop it" >&2

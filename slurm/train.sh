@@ -55,6 +55,9 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # the 
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}  # same on every node, differs between jobs
 export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # data workers and the main process share cpus-per-task
+# Since Slurm 22.05 srun does not take --cpus-per-task from the allocation: without this, CPU
+# binding would give each rank and all its data workers one core.
+export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 export PYTHONUNBUFFERED=1
 # NCCL (GPU nodes): fail fast instead of hanging on a lost peer. Site-specific settings go in the
 # environment before sbatch, e.g. NCCL_SOCKET_IFNAME=ib0 or NCCL_IB_HCA=mlx5, NCCL_DEBUG=WARN.
@@ -77,7 +80,10 @@ code=$?
 
 if [[ $code -eq $REQUEUE_EXIT_CODE ]]; then
     echo "train.sh: preempted after a checkpoint; requeueing job $SLURM_JOB_ID ($(date -Is))"
-    scontrol requeue "$SLURM_JOB_ID"
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        echo "error: scontrol requeue failed: resubmit the same sbatch line to resume from the checkpoint" >&2
+        exit $REQUEUE_EXIT_CODE
+    fi
     exit 0
 fi
 echo "train.sh: training exited with $code ($(date -Is))"

@@ -97,6 +97,12 @@ slurmctld -f "$conf"
 for node in "${nodes[@]}"; do
     slurmd -N "$node" -f "$conf"
 done
+sleep 1
+for daemon in slurmctld "${nodes[@]/#/slurmd-}"; do  # a daemon that could not bind its port has exited
+    pidfile=$dir/$daemon.pid
+    [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null \
+        || die "$daemon is not running (port $port+ taken by another cluster?); see $dir/$daemon.log"
+done
 for _ in $(seq 120); do
     states=$(sinfo -h -N -o "%N %T" 2>/dev/null | sort -u | awk '{print $2}' | sort -u | tr '\n' ' ')
     [[ $states == "idle " ]] && { echo "SLURM_CONF=$conf"; exit 0; }

@@ -147,22 +147,28 @@ def test_train_sh_requeues_after_the_time_limit_signal_and_on_scontrol_requeue(
     log = tmp_path / "job.out"
     job_id = sbatch_train(slurm, log, args, mlflow_server.uri)
 
+    def saved() -> list[int]:
+        return [int(s) for s in re.findall(r"preempted: saved step (\d+)", log.read_text())]
+
+    def resumed() -> list[int]:
+        return [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log.read_text())]
+
     wait_for(lambda: committed_steps(run_dir), what="a first checkpoint")
     slurm.run("scancel", "--signal=USR1", job_id)
     slurm.wait_restarted(job_id, restarts=1)
-    first_resume = int(
-        wait_for(lambda: re.findall(r"resumed from \S+ at step (\d+)", log.read_text()), what="resume")[0]
-    )
-    assert first_resume > 0 and "requeueing job" in log.read_text()
+    wait_for(resumed, what="the first resume")
+    assert "requeueing job" in log.read_text()
 
-    wait_for(lambda: max(committed_steps(run_dir)) > first_resume, what="a checkpoint after the resume")
+    wait_for(lambda: max(committed_steps(run_dir)) > resumed()[0], what="a checkpoint after the resume")
     slurm.run("scontrol", "requeue", job_id)
     slurm.wait_restarted(job_id, restarts=2)
     job = slurm.wait(job_id)
     output = log.read_text()
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), output
-    resumes = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", output)]
-    assert len(resumes) == 2 and 0 < resumes[0] < resumes[1] < 400, output
+    # Both interruptions saved at the step they came (SIGTERM reaches the data workers too, which
+    # must outlive it), and each start resumed from exactly that save.
+    assert len(saved()) == 2 and resumed() == saved(), output
+    assert 0 < saved()[0] < saved()[1] < 400
     assert max(metrics(run_dir)) == 400 and (run_dir / "export" / "ema.safetensors").exists()
 
     client = mlflow_server.client()
@@ -211,8 +217,9 @@ def test_submitit_job_checkpoints_requeues_and_finishes(slurm, digits_latents, t
     logs = "".join(p.read_text() for p in (run_dir / "submitit" / job_id).glob("*.out"))
     logs += "".join(p.read_text() for p in (run_dir / "submitit" / job_id).glob("*.err"))
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    saved = [int(s) for s in re.findall(r"preempted: saved step (\d+)", logs)]
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", logs)]
-    assert resumed and 0 < resumed[0] < 400, logs
+    assert len(saved) == 1 and resumed == saved and 0 < saved[0] < 400, logs
     assert "requeueing job" in logs
     assert max(metrics(run_dir)) == 400 and (run_dir / "export" / "ema.safetensors").exists()
     assert submitit.SlurmJob(run_dir / "submitit" / "%j", job_id).result() == 0
@@ -258,6 +265,31 @@ def recorder(tmp_path) -> tuple[dict, Path]:
         (bin_dir / program).write_text(f'#!/bin/sh\necho "{program} $*" >> {calls}\n')
         (bin_dir / program).chmod(0o755)
     return {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, calls
+
+
+def test_submit_dry_run_prints_the_config_and_sbatch_flags(recorder):
+    env, calls = recorder
+    arguments = [
+        "configs/demo.yaml",
+        "train.max_steps=7",
+        "train.micro_batch_size=8",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.submit", *arguments, "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "  max_steps: 7\n" in done.stdout and "# 8 ranks; sbatch parameters:" in done.stdout
+    for flag in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--signal=USR2@300", "--requeue"):
+        assert f"#SBATCH {flag}\n" in done.stdout
+    assert not calls.exists()
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,13 @@ class Progress:
 
 
 class PreemptionFlag:
-    """Signals only set a flag; the loop saves and exits at the next step boundary, on all ranks together."""
+    """Signals only set a flag; the loop saves and exits at the next step boundary, on all ranks together.
+
+    `received` (names, for the whole process) lets a launcher tell a time-limit warning it should
+    requeue after (launch.submit: SIGUSR2) from a cancellation (SIGTERM).
+    """
+
+    received: set[str] = set()
 
     def __init__(self, names: list[str]) -> None:
         self.raised = False
@@ -62,6 +68,7 @@ class PreemptionFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.raised = True
+        PreemptionFlag.received.add(signal.Signals(signum).name)
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank if any rank was signalled (a collective)."""
