@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import signal
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import numpy as np
@@ -16,6 +18,7 @@ from data_tools.make_digits import write_digits
 from diffusion_dist.data import stream as stream_module
 from diffusion_dist.data.manifest import DatasetError
 from diffusion_dist.data.stream import LatentLoader, batches_per_slot, epoch_plan
+from tests.conftest import ROOT
 from tests.latent_data import write_dataset
 
 UNEVEN = [37, 5, 61, 12, 29, 3, 44, 18, 50, 7, 23, 31, 2, 40]  # 362 samples in 14 shards
@@ -300,3 +303,20 @@ def test_state_dict_keys_are_plain_data(tmp_path):
     state = source.state_dict()
     assert json.loads(json.dumps(state)) == state
     assert np.asarray([p["batch"] for p in state["positions"]]).sum() == 3
+
+
+def test_a_process_exits_while_its_workers_still_run(tmp_path):
+    """Workers ignore SIGTERM (SLURM's preemption signal reaches them too), so multiprocessing's
+    exit handler, which terminates and joins them, would hang a rank whose loader is still alive."""
+    write_dataset(str(tmp_path / "data"), [40, 40], shape=(3, 8, 8), num_classes=10)
+    code = (
+        "from diffusion_dist.data.stream import LatentLoader\n"
+        f"data = LatentLoader({str(tmp_path / 'data')!r}, batch_size=8, null_label=10, rank=0, world_size=1,"
+        " num_workers=1, seed=0)\n"
+        "batches = iter(data)\n"
+        "next(batches)\n"
+        "print('exiting with a live worker')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "exiting with a live worker" in done.stdout, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

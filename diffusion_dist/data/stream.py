@@ -29,10 +29,12 @@ batch counts stay equal and nothing hangs.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import heapq
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import threading
@@ -368,6 +370,10 @@ class LatentLoader:
         # yields the same number of batches per epoch, so rotating which slot worker 0 serves
         # continues the interleaving exactly where the saved state left it.
         rotation = self.batches_consumed % self.slots_per_rank
+        global _exit_handler_registered
+        if self.num_workers and not _exit_handler_registered:
+            atexit.register(_end_workers_at_exit)
+            _exit_handler_registered = True
         loader = DataLoader(
             _RankStream(self, list(self.positions), rotation),
             batch_size=None,
@@ -426,6 +432,21 @@ class LatentLoader:
             "shuffle_shards": self.shuffle_shards,
             "shards": shards,
         }
+
+
+_exit_handler_registered = False
+
+
+def _end_workers_at_exit() -> None:
+    """Workers ignore SIGTERM (see _worker_init), and multiprocessing's exit handler terminates
+    daemonic children with SIGTERM and then joins them: a worker still alive at exit would make
+    its rank wait forever. Registered after multiprocessing's handler, this one runs first and
+    ends them for good (without torch's SIGCHLD handler, which would report them as failed)."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
 
 
 def _worker_init(worker_id: int) -> None:
