@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from diffusion_dist.train.checkpoint import committed_checkpoints, step_of
 from tests.conftest import ROOT, require_service
-from tests.test_tracking import experiment_runs, metric_steps
+from tests.test_tracking import experiment_runs, metric_steps, wait_until
 from tests.test_train import ENV, metrics, overrides
 
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -101,20 +102,7 @@ def sbatch_train(slurm: Cluster, log: Path, args: list[str], tracking_uri: str) 
 
 
 def committed_steps(run_dir: Path) -> list[int]:
-    return sorted(
-        int(p.name.removeprefix("step-"))
-        for p in (run_dir / "checkpoints").glob("step-*")
-        if (p / "COMMITTED.json").exists()
-    )
-
-
-def wait_for(condition, timeout: float = 300, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.5)
-    raise TimeoutError(what)
+    return sorted(step_of(d) for d in committed_checkpoints(run_dir / "checkpoints"))
 
 
 def test_train_sh_runs_one_rank_per_node(slurm, digits_latents, mlflow_server, tmp_path):
@@ -153,13 +141,13 @@ def test_train_sh_requeues_after_the_time_limit_signal_and_on_scontrol_requeue(
     def resumed() -> list[int]:
         return [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log.read_text())]
 
-    wait_for(lambda: committed_steps(run_dir), what="a first checkpoint")
+    wait_until(lambda: committed_steps(run_dir), timeout=300, what="a first checkpoint")
     slurm.run("scancel", "--signal=USR1", job_id)
     slurm.wait_restarted(job_id, restarts=1)
-    wait_for(resumed, what="the first resume")
+    wait_until(resumed, timeout=300, what="the first resume")
     assert "requeueing job" in log.read_text()
 
-    wait_for(lambda: max(committed_steps(run_dir)) > resumed()[0], what="a checkpoint after the resume")
+    wait_until(lambda: max(committed_steps(run_dir)) > resumed()[0], timeout=300, what="a checkpoint after the resume")
     slurm.run("scontrol", "requeue", job_id)
     slurm.wait_restarted(job_id, restarts=2)
     job = slurm.wait(job_id)
@@ -210,7 +198,7 @@ def test_submitit_job_checkpoints_requeues_and_finishes(slurm, digits_latents, t
     job_id = re.search(r"submitted job (\d+) \(slurm, 2 ranks\)", submit.stdout).group(1)
     assert f"submitit/{job_id}/" in submit.stdout  # the log paths
 
-    wait_for(lambda: committed_steps(run_dir), what="a first checkpoint")
+    wait_until(lambda: committed_steps(run_dir), timeout=300, what="a first checkpoint")
     slurm.run("scancel", "--signal=USR2", job_id)  # what submitit's --signal sends before the time limit
     slurm.wait_restarted(job_id, restarts=1)
     job = slurm.wait(job_id)
