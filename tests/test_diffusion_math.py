@@ -315,7 +315,7 @@ def test_classifier_free_guidance_uses_one_batched_forward():
 def test_classifier_grad_of_a_linear_softmax():
     """∇_z log softmax(Wz)_c = W_c − Σ_k p_k W_k."""
     weight = torch.randn(5, 6, dtype=torch.float64)
-    classifier = lambda z, t, y: z.flatten(1) @ weight.T  # noqa: E731
+    classifier = lambda z, t: z.flatten(1) @ weight.T  # noqa: E731
     z, labels = torch.randn(3, 6, dtype=torch.float64), torch.tensor([0, 4, 2])
     probs = torch.softmax(z @ weight.T, dim=-1)
     expected = weight[labels] - probs @ weight

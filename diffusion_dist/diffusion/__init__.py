@@ -4,7 +4,7 @@ Knows nothing of files, ranks, DeepSpeed or configs.
 """
 
 from .gaussian import VARIANCES, GaussianDiffusion, Prediction
-from .losses import diffusion_loss, drop_labels, timestep_quartile_sums
+from .losses import classifier_loss, diffusion_loss, drop_labels, timestep_quartile_sums
 from .sampling import (
     SAMPLERS,
     classifier_free_guidance,
@@ -27,6 +27,7 @@ __all__ = [
     "Prediction",
     "classifier_free_guidance",
     "classifier_grad",
+    "classifier_loss",
     "classifier_guidance",
     "conditional",
     "ddim_step",

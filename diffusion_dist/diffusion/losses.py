@@ -1,15 +1,19 @@
-"""The training objective: ε-matching with DDPM-IP input perturbation and null-token dropout."""
+"""The training objectives: ε-matching with DDPM-IP input perturbation and null-token dropout for the
+diffusion model; cross-entropy on noisy inputs for the guidance classifier."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .gaussian import GaussianDiffusion
 
 # (z_t, t, labels) -> model output [ε] or [ε, v], with t the training timestep.
 ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (z_t, t) -> logits of p_φ(c | z_t, t), with t the training timestep.
+NoisyClassifierFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def drop_labels(
@@ -57,6 +61,32 @@ def diffusion_loss(
     terms = diffusion.loss_terms(model_output, x0, z_t, t, eps, vlb_weight)
     terms["t"] = t
     return terms
+
+
+def classifier_loss(
+    classifier: NoisyClassifierFn,
+    diffusion: GaussianDiffusion,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    null_label: int,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Cross-entropy of p_φ(c | z_t, t) on z_t ~ q(z_t | x_0), t ~ U{0..T−1} (Dhariwal & Nichol 2021, Sec. 4.1).
+
+    The classifier sees the same noisy inputs the sampler will guide, at every timestep of the
+    training chain. Unlabelled samples (label ∅) weigh 0. Every term has shape (N,): "loss",
+    "correct" (1 where the argmax is the label), "labelled" (the weights) and "t".
+    """
+    n = x0.shape[0]
+    t = torch.randint(0, diffusion.num_timesteps, (n,), generator=generator, device=x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    logits = classifier(diffusion.q_sample(x0, t, eps), diffusion.timesteps.to(t.device)[t]).float()
+    labelled = labels != null_label
+    target = torch.where(labelled, labels, torch.zeros_like(labels))
+    loss = F.cross_entropy(logits, target, reduction="none") * labelled
+    correct = (logits.argmax(dim=1) == target) & labelled
+    return {"loss": loss, "correct": correct.float(), "labelled": labelled.float(), "t": t}
 
 
 def timestep_quartile_sums(

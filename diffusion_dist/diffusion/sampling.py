@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .gaussian import GaussianDiffusion, Prediction, at_timestep
-from .losses import ConditionalModel
+from .losses import ConditionalModel, NoisyClassifierFn
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (z_t, t) -> ∇_{z_t} log p_φ(c | z_t, t), same shape as z_t.
@@ -46,13 +46,13 @@ def conditional(model: ConditionalModel, labels: torch.Tensor) -> ModelFn:
     return lambda z_t, t: model(z_t, t, labels)
 
 
-def classifier_grad(classifier: ConditionalModel, labels: torch.Tensor) -> GradLogProb:
+def classifier_grad(classifier: NoisyClassifierFn, labels: torch.Tensor) -> GradLogProb:
     """∇_{z_t} log p_φ(c | z_t, t) of a classifier on noisy inputs that returns logits."""
 
     def grad(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             z = z_t.detach().requires_grad_(True)
-            log_probs = torch.log_softmax(classifier(z, t, labels).float(), dim=-1)
+            log_probs = torch.log_softmax(classifier(z, t).float(), dim=-1)
             selected = log_probs[torch.arange(len(labels), device=labels.device), labels]
             return torch.autograd.grad(selected.sum(), z)[0]
 

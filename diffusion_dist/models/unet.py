@@ -143,6 +143,30 @@ class Stage(nn.Module):
         return x
 
 
+def encoder_stages(size: UNetSize, emb_dim: int, dropout: float) -> tuple[nn.ModuleList, list[int]]:
+    """The down path of a named size, shared by the UNet and the noisy classifier (ADM's encoder half).
+
+    Returns the stages and the channels of every skip connection, input convolution first;
+    the last entry is the width at the lowest resolution.
+    """
+    ch = size.model_channels
+    stages, skip_channels = nn.ModuleList(), [ch]
+    channels, ds = ch, 1
+    for level, mult in enumerate(size.channel_mult):
+        for _ in range(size.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(channels, mult * ch, emb_dim, dropout)]
+            channels = mult * ch
+            if ds in size.attention_ds:
+                layers.append(AttentionBlock(channels, size.num_head_channels))
+            stages.append(Stage(*layers))
+            skip_channels.append(channels)
+        if level != len(size.channel_mult) - 1:
+            stages.append(Stage(Downsample(channels)))
+            skip_channels.append(channels)
+            ds *= 2
+    return stages, skip_channels
+
+
 class UNet(nn.Module):
     """ε_θ(z_t, t, c): (N, C, H, W) latents -> (N, C or 2C, H, W); H and W divisible by 2^(levels−1)."""
 
@@ -175,22 +199,8 @@ class UNet(nn.Module):
 
         # Encoder: every stage's output is kept as a skip connection for the decoder.
         self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        skip_channels = [ch]
-        channels, ds = ch, 1
-        for level, mult in enumerate(size.channel_mult):
-            for _ in range(size.num_res_blocks):
-                layers = [res(channels, mult * ch)]
-                channels = mult * ch
-                if ds in size.attention_ds:
-                    layers.append(attn(channels))
-                self.down.append(Stage(*layers))
-                skip_channels.append(channels)
-            if level != len(size.channel_mult) - 1:
-                self.down.append(Stage(Downsample(channels)))
-                skip_channels.append(channels)
-                ds *= 2
-
+        self.down, skip_channels = encoder_stages(size, emb_dim, dropout)
+        channels, ds = skip_channels[-1], 2 ** (len(size.channel_mult) - 1)
         self.middle = Stage(res(channels, channels), attn(channels), res(channels, channels))
 
         # Decoder: each stage concatenates one skip connection on the channel axis.
