@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .diffusion import SAMPLERS, SCHEDULES, VARIANCES
-from .models import UNET_SIZES
+from .models import MODEL_KINDS, UNET_SIZES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -36,7 +36,10 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    size: str = "UNet-B"  # a named size of models.UNET_SIZES
+    kind: str = (
+        "unet"  # unet: the diffusion model | classifier: p(c | z_t, t) on noisy latents, for classifier guidance
+    )
+    size: str = "UNet-B"  # a named size of models.UNET_SIZES (a classifier is the encoder half of that size)
     num_classes: int = 1000  # labels 0..num_classes−1; index num_classes is the null token ∅
     dropout: float = 0.0
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
@@ -100,6 +103,20 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # steps between in-training FIDs of the EMA weights (model.kind=unet); 0 disables
+    num_samples: int = 1000  # samples per in-training FID over all ranks: few, so FID is biased up; compare runs
+    cfg_scale: float = 1.5  # w of classifier-free guidance for the samples
+    sampler: str = "ddim"  # ddpm | ddim
+    sample_steps: int = 50  # respaced chain length
+    batch_size: int = 64  # samples per forward per rank
+    reference: str = ""  # statistics file (.npz with mu, sigma) or dataset URL; empty: data.url, decoded
+    reference_samples: int = 10_000  # samples of a dataset reference (its first ones, in manifest order)
+    feature_extractor: str = "inception-v3-compat"  # torch-fidelity's TF-compatible InceptionV3, or module:Class
+    feature_weights: str = ""  # the extractor's weights file; empty: the library's standard location
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -108,6 +125,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):
@@ -171,8 +189,14 @@ def validate(config: Config, world_size: int = 1) -> None:
     run, model, diffusion, train = config.run, config.model, config.diffusion, config.train
     check(bool(run.dir), "run.dir", "set the output directory")
     check(run.seed >= 0, "run.seed", "must be >= 0")
+    choice("model.kind", MODEL_KINDS)
     choice("model.size", list(UNET_SIZES))
     check(model.num_classes >= 0, "model.num_classes", "must be >= 0 (0: unconditional)")
+    check(
+        model.kind != "classifier" or model.num_classes >= 2,
+        "model.num_classes",
+        "a classifier (model.kind=classifier) needs at least 2 classes and labelled data",
+    )
     check(0 <= model.dropout < 1, "model.dropout", "must lie in [0, 1)")
     choice("diffusion.schedule", SCHEDULES)
     check(diffusion.num_timesteps >= 1, "diffusion.num_timesteps", "must be >= 1")
@@ -220,6 +244,23 @@ def validate(config: Config, world_size: int = 1) -> None:
     check(config.tracking.sample_every >= 0, "tracking.sample_every", "must be >= 0 (0 disables)")
     check(config.tracking.max_pending >= 1, "tracking.max_pending", "must be >= 1")
     check(config.tracking.flush_timeout >= 0, "tracking.flush_timeout", "must be >= 0 seconds")
+    evaluation = config.eval
+    check(evaluation.every >= 0, "eval.every", "must be >= 0 (0 disables)")
+    check(
+        not (evaluation.every and model.kind != "unet"),
+        "eval.every",
+        "in-training FID needs a diffusion model (model.kind=unet); set eval.every=0 for a classifier",
+    )
+    check(evaluation.num_samples >= 2, "eval.num_samples", "FID needs at least 2 samples")
+    check(evaluation.cfg_scale >= 0, "eval.cfg_scale", "must be >= 0")
+    choice("eval.sampler", list(SAMPLERS))
+    check(
+        1 <= evaluation.sample_steps <= diffusion.num_timesteps,
+        "eval.sample_steps",
+        f"must lie in [1, diffusion.num_timesteps={diffusion.num_timesteps}]",
+    )
+    check(evaluation.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    check(evaluation.reference_samples >= 2, "eval.reference_samples", "FID needs at least 2 reference samples")
 
 
 def gradient_accumulation_steps(config: Config, world_size: int) -> int:

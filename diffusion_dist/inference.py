@@ -1,30 +1,88 @@
-"""From an export to images: guided sampling in latent space, then decoding with the dataset's codec."""
+"""From an export to images: guided sampling in latent space, then decoding with the dataset's codec.
+
+Guidance: classifier-free (the model's own ∅ prediction), classifier guidance with a noisy-latent
+classifier export, or both; any of them with DDPM or DDIM.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from .codecs import Codec, codec_from_manifest, from_model_space, x0_clip
-from .diffusion import GaussianDiffusion, classifier_free_guidance, generate
-from .models import UNet, build_unet
+from .diffusion import (
+    GaussianDiffusion,
+    classifier_free_guidance,
+    classifier_grad,
+    classifier_guidance,
+    conditional,
+    generate,
+)
+from .diffusion.sampling import ModelFn
+from .models import NoisyClassifier, UNet, build_classifier, build_unet
 
 
-def build_from_info(info: dict[str, Any]) -> tuple[UNet, GaussianDiffusion]:
-    """An untrained model and the training chain, as an export's config.json describes them."""
+def build_from_info(info: dict[str, Any]) -> tuple[UNet | NoisyClassifier, GaussianDiffusion]:
+    """An untrained model (UNet or noisy classifier) and the training chain, as an export's config.json says."""
     model_info, diffusion_info = info["model"], info["diffusion"]
-    model = build_unet(
-        model_info["size"],
-        model_info["in_channels"],
-        model_info["num_classes"],
-        learn_sigma=diffusion_info["variance"] == "learned_range",
-    )
+    if model_info.get("kind", "unet") == "classifier":
+        model = build_classifier(model_info["size"], model_info["in_channels"], model_info["num_classes"])
+    else:
+        model = build_unet(
+            model_info["size"],
+            model_info["in_channels"],
+            model_info["num_classes"],
+            learn_sigma=diffusion_info["variance"] == "learned_range",
+        )
     diffusion = GaussianDiffusion.from_schedule(
         diffusion_info["schedule"], diffusion_info["num_timesteps"], diffusion_info["variance"]
     )
     return model, diffusion
+
+
+class Guidance(NamedTuple):
+    """How to steer sampling: classifier-free scale w, and optionally a noisy classifier with scale s."""
+
+    cfg_scale: float = 0.0
+    classifier: NoisyClassifier | None = None
+    classifier_scale: float = 0.0
+
+
+def check_classifier(info: dict[str, Any], classifier_info: dict[str, Any]) -> None:
+    """Raise ValueError unless the classifier export was trained on the model's chain and latents."""
+    if classifier_info["model"].get("kind") != "classifier":
+        raise ValueError("--classifier: the export is not a classifier (train one with model.kind=classifier)")
+    for key in ("schedule", "num_timesteps"):
+        if classifier_info["diffusion"][key] != info["diffusion"][key]:
+            raise ValueError(
+                f"--classifier: trained with diffusion.{key}={classifier_info['diffusion'][key]!r}, the model "
+                f"with {info['diffusion'][key]!r}; its p(c | z_t) is for other noise levels: train it with the model's"
+            )
+    if classifier_info["latent_shape"] != info["latent_shape"] or classifier_info["codec"] != info["codec"]:
+        raise ValueError("--classifier: trained on latents of another shape or codec than the model's")
+    if info["model"]["num_classes"] and classifier_info["model"]["num_classes"] != info["model"]["num_classes"]:
+        raise ValueError(
+            f"--classifier: {classifier_info['model']['num_classes']} classes, the model has "
+            f"{info['model']['num_classes']}"
+        )
+
+
+def guided_model_fn(model: UNet, diffusion: GaussianDiffusion, labels: torch.Tensor, guidance: Guidance) -> ModelFn:
+    """ε̃ for `labels`: classifier-free guidance (w > 0, conditional models) and classifier guidance (s > 0).
+
+    An unconditional model (num_classes = 0) is called with ∅; the labels then only steer the classifier.
+    """
+    model_labels = labels if model.num_classes else torch.full_like(labels, model.null_label)
+    if guidance.cfg_scale > 0 and model.num_classes:
+        model_fn = classifier_free_guidance(model, model_labels, model.null_label, guidance.cfg_scale)
+    else:
+        model_fn = conditional(model, model_labels)
+    if guidance.classifier is not None and guidance.classifier_scale > 0:
+        grad = classifier_grad(guidance.classifier, labels)
+        model_fn = classifier_guidance(model_fn, grad, diffusion.alphas_cumprod, guidance.classifier_scale)
+    return model_fn
 
 
 class SampleGrid:
@@ -64,7 +122,7 @@ class SampleGrid:
             self.diffusion,
             self.info,
             self.labels,
-            cfg_scale=defaults["guidance_scale"],
+            Guidance(defaults["guidance_scale"]),
             steps=defaults["sample_steps"],
             sampler=defaults["sampler"],
             seed=self.seed,
@@ -80,8 +138,8 @@ def generate_images(
     diffusion: GaussianDiffusion,
     info: dict[str, Any],
     labels: list[int],
+    guidance: Guidance,
     *,
-    cfg_scale: float,
     steps: int,
     sampler: str = "ddim",
     seed: int = 0,
@@ -92,7 +150,8 @@ def generate_images(
 ) -> np.ndarray:
     """uint8 images (N, H, W, 3) for `labels`, the same for the same seed and arguments.
 
-    `codec` decodes the latents; by default the one `info` names is loaded (a VAE: seconds).
+    Batch b draws its noise from seed + b·batch_size. `codec` decodes the latents; by default the one `info` names
+    is loaded (a VAE: seconds).
     """
     codec = codec or codec_from_manifest(info["codec"], device)
     chain = diffusion.respaced(steps)
@@ -100,7 +159,7 @@ def generate_images(
     images = []
     for start in range(0, len(labels), batch_size):
         chunk = torch.tensor(labels[start : start + batch_size], device=device)
-        model_fn = classifier_free_guidance(model, chunk, model.null_label, cfg_scale)
+        model_fn = guided_model_fn(model, diffusion, chunk, guidance)
         latents = generate(
             model_fn,
             chain,

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from diffusion_dist.config import ConfigError, load_config, to_yaml
 from diffusion_dist.data.manifest import DatasetError
 from diffusion_dist.distributed import process_from_env
+from diffusion_dist.evaluation import EvaluationError
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return train(config, process, resume=args.resume, fresh=args.no_resume)
-    except DatasetError as e:
+    except (DatasetError, EvaluationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingAborted as e:

@@ -121,6 +121,14 @@ def digits_latents(tmp_path_factory) -> Path:
     return root / "latents"
 
 
+@pytest.fixture(scope="session")
+def digit_weights(tmp_path_factory) -> Path:
+    """Weights of tests.fid_features.DigitFeatures fitted to the digits: features for FID, a judge of samples."""
+    from tests.fid_features import train_digit_features
+
+    return train_digit_features(tmp_path_factory.mktemp("features") / "digits.pt")
+
+
 class MlflowServer:
     """A real `mlflow server` on loopback: sqlite backend, artifacts proxied into a local folder.
 

@@ -302,10 +302,12 @@ class LatentLoader:
         if self.manifest["num_samples"] == 0:
             raise DatasetError(f"{where}: the dataset has no samples")
         labels = self.manifest.get("labels") or {}
-        if labels.get("labelled") and labels.get("num_classes", 0) > null_label:
+        # null_label = 0 is an unconditional model: its batches carry ∅ whatever the dataset's labels.
+        labelled = bool(labels.get("labelled")) and null_label > 0
+        if labelled and labels.get("num_classes", 0) > null_label:
             raise DatasetError(
                 f"{where}: labels go up to {labels['num_classes'] - 1} but the model has {null_label} classes; "
-                f"set model.num_classes >= {labels['num_classes']}"
+                f"set model.num_classes >= {labels['num_classes']} (or 0 for an unconditional model)"
             )
         latent, codec = self.manifest["latent"], self.manifest["codec"]
         self.info = DatasetInfo(
@@ -316,7 +318,7 @@ class LatentLoader:
             shard_bytes=tuple(s["bytes"] for s in shards),
             moments=bool(latent["moments"]),
             flip=bool(latent.get("flip")),
-            labelled=bool(labels.get("labelled")),
+            labelled=labelled,
             scaling_factor=float(codec["scaling_factor"]),
             shift_factor=float(codec.get("shift_factor") or 0.0),
         )

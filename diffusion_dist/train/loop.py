@@ -20,12 +20,14 @@ import torch.distributed as dist
 from PIL import Image
 
 from ..config import Config, to_dict, to_yaml
+from ..data.manifest import DatasetError
 from ..data.storage import redact_url
 from ..data.stream import LatentLoader
-from ..diffusion import GaussianDiffusion, diffusion_loss, timestep_quartile_sums
+from ..diffusion import GaussianDiffusion, classifier_loss, diffusion_loss, timestep_quartile_sums
 from ..distributed import ProcessInfo, init_process_group
-from ..inference import SampleGrid
-from ..models import build_unet
+from ..evaluation import FeatureNet, TrainingFid, reference_statistics
+from ..inference import Guidance, SampleGrid
+from ..models import build_classifier, build_unet
 from .checkpoint import SHARED, Checkpointer, committed_checkpoints, load_state
 from .ema import EMA
 from .engine import DTYPES, build_engine
@@ -87,8 +89,8 @@ class MetricsLog:
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        self.counts = torch.zeros(4, dtype=torch.float64, device=self.device)
+        # Rows: loss sums, sample counts, correct predictions and labelled samples (classifiers), by quartile.
+        self.sums = torch.zeros(4, 4, dtype=torch.float64, device=self.device)
         self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.grad_norms = 0
         self.data_wait = 0.0  # seconds this rank waited for batches
@@ -105,9 +107,10 @@ class MetricsLog:
             self.started += time.perf_counter() - paused
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
-        sums, counts = timestep_quartile_sums(terms["t"], terms["loss"], self.num_timesteps)
-        self.sums += sums
-        self.counts += counts
+        self.sums[:2] += torch.stack(timestep_quartile_sums(terms["t"], terms["loss"], self.num_timesteps))
+        if "correct" in terms:
+            self.sums[2] += timestep_quartile_sums(terms["t"], terms["correct"], self.num_timesteps)[0]
+            self.sums[3] += timestep_quartile_sums(terms["t"], terms["labelled"], self.num_timesteps)[0]
 
     def end_step(self, grad_norm: float | torch.Tensor | None) -> None:
         """After an optimizer step; grad_norm is its global gradient norm (None: skipped or not known)."""
@@ -118,9 +121,9 @@ class MetricsLog:
 
     def write(self, progress: Progress, lr: float, samples_per_step: int, loss_scale: float | None) -> dict[str, Any]:
         """All-reduce the sums since the last write (a collective) and log them on rank 0."""
-        totals = torch.cat([self.sums, self.counts])
+        totals = self.sums.clone()
         dist.all_reduce(totals)
-        sums, counts = totals[:4], totals[4:]
+        sums, counts, correct, labelled = totals
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         record = {
             "step": progress.step,
@@ -133,6 +136,9 @@ class MetricsLog:
             "step_time_s": elapsed / max(self.steps, 1),
             "data_wait_fraction": self.data_wait / elapsed,
         }
+        if labelled.sum() > 0:
+            record["accuracy"] = (correct.sum() / labelled.sum()).item()
+            record.update({f"accuracy_q{q}": (correct[q] / labelled[q]).item() for q in range(4) if labelled[q] > 0})
         if self.grad_norms:
             record["grad_norm"] = (self.grad_norm_sum / self.grad_norms).item()
         if loss_scale is not None:
@@ -156,6 +162,14 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         torch.cuda.set_device(device)
     init_process_group(process, device)
     rank, world = process.rank, process.world_size
+    evaluation = config.eval
+    # The FID network first: missing weights must stop the job before any work.
+    weights = evaluation.feature_weights or None
+    features = (
+        FeatureNet(evaluation.feature_extractor, weights, device, weights_flag="eval.feature_weights")
+        if evaluation.every
+        else None
+    )
     run_dir = Path(config.run.dir)
     if rank == 0:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -180,14 +194,25 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
     diffusion = GaussianDiffusion.from_schedule(
         config.diffusion.schedule, config.diffusion.num_timesteps, config.diffusion.variance
     )
-    model = build_unet(
-        config.model.size,
-        data.latent_shape[0],
-        config.model.num_classes,
-        learn_sigma=diffusion.learn_sigma,
-        dropout=config.model.dropout,
-        gradient_checkpointing=config.model.gradient_checkpointing,
-    )
+    _check_labels(config, data.manifest)
+    is_classifier = config.model.kind == "classifier"
+    if is_classifier:
+        model = build_classifier(
+            config.model.size,
+            data.latent_shape[0],
+            config.model.num_classes,
+            dropout=config.model.dropout,
+            gradient_checkpointing=config.model.gradient_checkpointing,
+        )
+    else:
+        model = build_unet(
+            config.model.size,
+            data.latent_shape[0],
+            config.model.num_classes,
+            learn_sigma=diffusion.learn_sigma,
+            dropout=config.model.dropout,
+            gradient_checkpointing=config.model.gradient_checkpointing,
+        )
     num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine = build_engine(model, config, world, device)
     torch.manual_seed(rank_seed)  # dropout and other global draws differ per rank from here on
@@ -216,7 +241,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
             if resume:
                 raise TrainingAborted(f"checkpoint {resume} cannot be read on every rank (see warnings)")
             continue
-        if shared["config"]["model"] != to_dict(config)["model"]:
+        if {"kind": "unet", **shared["config"]["model"]} != to_dict(config)["model"]:  # kind: added later
             raise TrainingAborted(
                 f"checkpoint {directory} was made by another model ({shared['config']['model']}); "
                 "use a new run.dir, or --no-resume to start over"
@@ -241,10 +266,15 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
             )
 
     tracker = _start_tracking(config, process, data, num_parameters, tracking_state)
-    grid = _grid_sampler(export_info, config, device) if rank == 0 and config.tracking.sample_every else None
+    grids = config.tracking.sample_every and not is_classifier
+    grid = _grid_sampler(export_info, config, device) if rank == 0 and grids else None
+    fid = _training_fid(config, export_info, features, process, device) if features else None
 
     def model_fn(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return engine(z.to(dtype), t, labels).float()
+
+    def classifier_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return engine(z.to(dtype), t).float()
 
     def save() -> None:
         nonlocal saved_step
@@ -294,17 +324,27 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
                 # The loss's draws (t, ε, ξ, label dropout) are keyed to the batch, not the rank:
                 # one rank accumulating two batches computes exactly what two ranks do.
                 generator = torch.Generator(device).manual_seed(batch.seed)
-                terms = diffusion_loss(
-                    model_fn,
-                    diffusion,
-                    latents,
-                    labels,
-                    null_label=config.model.num_classes,
-                    p_uncond=config.diffusion.p_uncond,
-                    input_perturbation=config.diffusion.input_perturbation,
-                    vlb_weight=config.diffusion.vlb_weight,
-                    generator=generator,
-                )
+                if is_classifier:
+                    terms = classifier_loss(
+                        classifier_fn,
+                        diffusion,
+                        latents,
+                        labels,
+                        null_label=config.model.num_classes,
+                        generator=generator,
+                    )
+                else:
+                    terms = diffusion_loss(
+                        model_fn,
+                        diffusion,
+                        latents,
+                        labels,
+                        null_label=config.model.num_classes,
+                        p_uncond=config.diffusion.p_uncond,
+                        input_perturbation=config.diffusion.input_perturbation,
+                        vlb_weight=config.diffusion.vlb_weight,
+                        generator=generator,
+                    )
                 engine.backward(terms["loss"].mean())
                 if stage_zero and micro == accumulation - 1:
                     # Without ZeRO, DeepSpeed applies non-finite gradients; they are already
@@ -344,9 +384,12 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
                 tracker.log_metrics(record, step)
                 if rank == 0:
                     log.info("step %d loss %.4f (%.0f samples/s)", step, record["loss"], record["samples_per_s"])
-            if config.tracking.sample_every and progress.step % config.tracking.sample_every == 0:
+            if grids and progress.step % config.tracking.sample_every == 0:
                 with metrics.paused():
                     _sample_grid(grid, ema, tracker, run_dir, progress.step, rank)
+            if fid is not None and progress.step % config.eval.every == 0:
+                with metrics.paused():
+                    _evaluate_fid(fid, ema, tracker, metrics.path, progress.step, rank)
             if keys_log:
                 keys_log.flush()
             if preemption.agreed(device):
@@ -365,7 +408,10 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
             save()
         weights, raw = ema.full_state_dict(), _full_weights(engine.module)
         if rank == 0:
-            directory = write_export(run_dir / "export", weights, {**export_info, "step": progress.step}, raw=raw)
+            info = {**export_info, "step": progress.step}
+            if tracker.run_id:  # launch.evaluate logs its results as a child of this run
+                info["tracking"] = {"experiment": config.tracking.experiment, "run_id": tracker.run_id}
+            directory = write_export(run_dir / "export", weights, info, raw=raw)
             tracker.log_artifacts(directory, "export")
             log.info("done: %d steps; export in %s", progress.step, directory)
         tracker.close("FINISHED", config.tracking.flush_timeout)
@@ -374,6 +420,14 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
     except BaseException:
         tracker.close("FAILED", min(10.0, config.tracking.flush_timeout))
         raise
+
+
+def _check_labels(config: Config, manifest: dict[str, Any]) -> None:
+    """A classifier needs labels (LatentLoader checks that a conditional model has room for them)."""
+    if config.model.kind == "classifier" and not (manifest.get("labels") or {}).get("labelled"):
+        raise DatasetError(
+            f"data.url={redact_url(config.data.url)}: a classifier (model.kind=classifier) needs labelled data"
+        )
 
 
 def _broadcast(checkpoints: list[Path]) -> list[Path]:
@@ -458,6 +512,60 @@ def _grid_sampler(export_info: dict[str, Any], config: Config, device: torch.dev
         return None
 
 
+def _training_fid(
+    config: Config, export_info: dict[str, Any], features: FeatureNet, process: ProcessInfo, device: torch.device
+) -> TrainingFid:
+    """The in-training FID with reference statistics computed once (cached in run.dir/eval)."""
+    evaluation = config.eval
+    reference = evaluation.reference or config.data.url
+    cache = Path(config.run.dir) / "eval" / "reference-stats.npz"
+    started = time.perf_counter()
+    stats = reference_statistics(
+        reference,
+        features,
+        limit=evaluation.reference_samples,
+        batch_size=evaluation.batch_size,
+        rank=process.rank,
+        world_size=process.world_size,
+        device=device,
+        storage_options=config.data.storage_options,
+        cache=cache if process.rank == 0 else None,
+    )
+    if process.rank == 0:
+        log.info(
+            "FID reference: %d samples of %s (%.1f s)",
+            stats["num_samples"],
+            redact_url(reference),
+            time.perf_counter() - started,
+        )
+    return TrainingFid(
+        export_info,
+        features,
+        stats,
+        Guidance(evaluation.cfg_scale),
+        num_samples=evaluation.num_samples,
+        steps=evaluation.sample_steps,
+        sampler=evaluation.sampler,
+        batch_size=evaluation.batch_size,
+        seed=config.run.seed,
+        rank=process.rank,
+        world_size=process.world_size,
+        device=device,
+    )
+
+
+def _evaluate_fid(fid: TrainingFid, ema: EMA, tracker: Tracker, metrics_path: Path, step: int, rank: int) -> None:
+    """FID of the EMA weights at this step into metrics.jsonl and MLflow (a collective: every rank samples)."""
+    started = time.perf_counter()
+    result = fid(ema.full_state_dict())
+    if rank == 0:
+        result["eval_time_s"] = time.perf_counter() - started
+        with metrics_path.open("a") as f:
+            f.write(json.dumps({"step": step, **result}) + "\n")
+        tracker.log_metrics(result, step)
+        log.info("step %d: FID %.2f (%.1f s)", step, result["fid"], result["eval_time_s"])
+
+
 def _sample_grid(grid: SampleGrid | None, ema: EMA, tracker: Tracker, run_dir: Path, step: int, rank: int) -> None:
     """A guided grid from the EMA weights into run.dir/samples/ and MLflow (gathering is a collective under ZeRO-3)."""
     weights = ema.full_state_dict() if ema.partitioned or rank == 0 else None
@@ -506,6 +614,7 @@ def _export_info(config: Config, data: LatentLoader) -> dict[str, Any]:
     manifest = data.manifest
     return {
         "model": {
+            "kind": config.model.kind,
             "size": config.model.size,
             "in_channels": data.latent_shape[0],
             "num_classes": config.model.num_classes,

@@ -1,0 +1,427 @@
+"""FID and Inception Score of a model's samples against reference statistics, over all ranks.
+
+torch-fidelity provides the feature network (by default "inception-v3-compat", the port of the
+TensorFlow InceptionV3 that FID is defined with, so numbers compare with published ones), the
+mean and covariance of the features, the Fréchet distance and the Inception Score. This module
+decides which samples each rank makes, gathers their features on rank 0 in sample order (so a
+result does not depend on the number of ranks), and reads references: statistics files or
+latent datasets (decoded with their codec). Weights are never downloaded unless asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .codecs import Codec, codec_from_manifest
+from .data.manifest import load_manifest
+from .data.shards import decode_npy, parse_tar
+from .data.storage import filesystem, join, read_bytes, redact_url
+from .diffusion import GaussianDiffusion
+from .inference import Guidance, generate_images
+from .models import UNet
+
+INCEPTION = "inception-v3-compat"
+# An iterator of (global sample indices (B,), uint8 images (B, 3, H, W)) for this rank.
+ImageBatches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot run; the message names the input and what to do."""
+
+
+def _torch_fidelity():
+    try:
+        import torch_fidelity
+    except (ImportError, RuntimeError) as e:  # torchvision built for another torch fails with RuntimeError
+        raise EvaluationError(
+            f"FID needs torch-fidelity and a torchvision built for this torch ({e}); "
+            "pip install 'diffusion-dist[eval]' with the torchvision release that matches your torch"
+        ) from None
+    return torch_fidelity
+
+
+def standard_weights_path() -> Path:
+    """Where torch-fidelity keeps its InceptionV3 weights: torch.hub's folder, $TORCH_HOME/hub/checkpoints."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[-1]
+
+
+class FeatureNet:
+    """A torch-fidelity feature extractor on a device: uint8 images -> FID features, and IS logits where it has them.
+
+    `name` is "inception-v3-compat" or "module:Class", a FeatureExtractorBase subclass of
+    one's own (another network, or a small one in tests). `weights_flag` names the option
+    that sets `weights`, for error messages.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        weights: str | None,
+        device: str | torch.device,
+        *,
+        download: bool = False,
+        weights_flag: str = "--feature-weights",
+    ) -> None:
+        fidelity = _torch_fidelity()
+        self.name = name
+        cls = self._extractor_class(name, fidelity)
+        self.fid_layer = cls.get_default_feature_layer_for_metric("fid")
+        try:
+            isc_layer = cls.get_default_feature_layer_for_metric("isc")
+        except (NotImplementedError, KeyError, AssertionError, ValueError):
+            isc_layer = None
+        self.isc_layer = isc_layer if isc_layer in cls.get_provided_features_list() else None
+        layers = [self.fid_layer] + ([self.isc_layer] if self.isc_layer else [])
+        path = self._weights(name, weights, download, weights_flag)
+        with torch.random.fork_rng(devices=[]):  # building the net must not draw from a training RNG
+            net = cls(name, layers, feature_extractor_weights_path=path, verbose=False)
+        self.net = net.to(device).eval().requires_grad_(False)
+        self.device = torch.device(device)
+
+    @staticmethod
+    def _extractor_class(name: str, fidelity: Any) -> type:
+        from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        if ":" not in name:
+            if name != INCEPTION:
+                raise EvaluationError(
+                    f"feature extractor {name!r}: use {INCEPTION} (FID as published) or module:Class, "
+                    "a torch_fidelity FeatureExtractorBase subclass"
+                )
+            return FEATURE_EXTRACTORS_REGISTRY[name]
+        module, _, attribute = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as e:
+            raise EvaluationError(f"feature extractor {name!r} cannot be imported: {e}") from None
+        if not (isinstance(cls, type) and issubclass(cls, FeatureExtractorBase)):
+            raise EvaluationError(f"feature extractor {name!r} is not a torch_fidelity FeatureExtractorBase subclass")
+        return cls
+
+    @staticmethod
+    def _weights(name: str, weights: str | None, download: bool, weights_flag: str) -> str | None:
+        """The weights file to load; a clear error when it is missing, never a silent download."""
+        if weights:
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                raise EvaluationError(f"{weights_flag} {weights}: no such file")
+            try:  # torch-fidelity loads it with weights_only=False: refuse anything but plain tensors first
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any failure means we must not unpickle it unrestricted
+                raise EvaluationError(f"{weights_flag} {weights}: not a plain state dict of tensors ({e})") from None
+            return str(path)
+        if name != INCEPTION:
+            return None  # a class of one's own initialises itself
+        path = standard_weights_path()
+        if path.is_file():
+            return str(path)
+        if download:
+            return None  # torch-fidelity downloads into the standard location
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+        raise EvaluationError(
+            f"the FID feature network's weights are missing: {path} (torch-fidelity's InceptionV3, "
+            f"{INCEPTION}). Offline, download {URL_INCEPTION_V3} on a machine with internet and copy it to "
+            f"{path} (or set TORCH_HOME), or pass {weights_flag} PATH; online, allow the download with "
+            "--download-weights"
+        )
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) uint8 -> {"fid": (B, D) float64 on the CPU, "isc": (B, K) float64 when available}."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected (B, 3, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}")
+        features = self.net.convert_features_tuple_to_dict(self.net(images.to(self.device)))
+        out = {"fid": features[self.fid_layer].double().cpu()}
+        if self.isc_layer:
+            out["isc"] = features[self.isc_layer].double().cpu()
+        return out
+
+
+def extract_features(batches: ImageBatches, features: FeatureNet) -> dict[str, torch.Tensor] | None:
+    """Features of this rank's batches, gathered on rank 0 in the order of the global sample
+    indices (a collective when a process group is up); None on the other ranks."""
+    indices, parts = [], {}
+    for index, images in batches:
+        indices.append(index.cpu())
+        for key, value in features(images).items():
+            parts.setdefault(key, []).append(value)
+    local = (
+        torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
+        {k: torch.cat(v) for k, v in parts.items()},
+    )
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+    else:
+        gathered = [local]
+    order = torch.argsort(torch.cat([index for index, _ in gathered]))
+    keys = sorted(set().union(*(rows.keys() for _, rows in gathered)))
+    return {key: torch.cat([rows[key] for _, rows in gathered if key in rows])[order] for key in keys}
+
+
+def statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
+    """{"mu", "sigma"} of (N, D) features in float64: torch-fidelity's (unbiased covariance)."""
+    if len(features) < 2:
+        raise EvaluationError(f"FID needs at least 2 samples, got {len(features)}")
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    return fid_features_to_statistics(features.double().cpu())
+
+
+def frechet_distance(stats: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) (Heusel et al. 2017), by torch-fidelity."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    mine = {k: np.asarray(stats[k], dtype=np.float64) for k in ("mu", "sigma")}
+    theirs = {k: np.asarray(reference[k], dtype=np.float64) for k in ("mu", "sigma")}
+    if mine["mu"].shape != theirs["mu"].shape:
+        raise EvaluationError(
+            f"reference statistics have {theirs['mu'].shape[0]} features, this extractor gives {mine['mu'].shape[0]}: "
+            "compute the reference with the same feature extractor"
+        )
+    return fid_statistics_to_metric(mine, theirs, verbose=False)[KEY_METRIC_FID]
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """Mean and std over splits of exp(E KL(p(y|x) ‖ p(y))) (Salimans et al. 2016), by torch-fidelity."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+    result = isc_features_to_metric(logits, splits=max(1, min(splits, len(logits) // 2)))
+    return result[KEY_METRIC_ISC_MEAN], result[KEY_METRIC_ISC_STD]
+
+
+def scores(features: Mapping[str, torch.Tensor], reference: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """{"fid", and "inception_score", "inception_score_std" where the extractor gives logits}."""
+    result = {"fid": frechet_distance(statistics(features["fid"]), reference)}
+    if "isc" in features:
+        result["inception_score"], result["inception_score_std"] = inception_score(features["isc"])
+    return result
+
+
+# Samples.
+
+
+def sample_labels(num_samples: int, num_classes: int) -> list[int]:
+    """Balanced class labels: sample i has class i mod num_classes."""
+    return [i % num_classes for i in range(num_samples)]
+
+
+def sample_batches(
+    model: UNet,
+    diffusion: GaussianDiffusion,
+    info: dict[str, Any],
+    labels: list[int],
+    guidance: Guidance,
+    *,
+    steps: int,
+    sampler: str,
+    seed: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    codec: Codec | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the samples for `labels`: batch b (samples b·B ...) goes to rank b mod world
+    size and starts from seed + b·B, so the whole set is the same whatever the number of ranks."""
+    codec = codec or codec_from_manifest(info["codec"], device)
+    starts = list(range(0, len(labels), batch_size))[rank::world_size]
+    for start in tqdm(starts, desc=f"sampling (rank {rank})", disable=not progress, unit="batch"):
+        chunk = labels[start : start + batch_size]
+        images = generate_images(
+            model,
+            diffusion,
+            info,
+            chunk,
+            guidance,
+            steps=steps,
+            sampler=sampler,
+            seed=seed + start,
+            device=device,
+            batch_size=len(chunk),
+            codec=codec,
+        )
+        yield torch.arange(start, start + len(chunk)), torch.from_numpy(images).permute(0, 3, 1, 2)
+
+
+# References.
+
+
+def load_statistics(path: str | Path, feature_extractor: str) -> dict[str, Any]:
+    """Reference statistics from an .npz with mu and sigma (the convention of ADM, pytorch-fid and
+    clean-fid); when the file records its feature extractor, it must be this one."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stats = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as e:
+        raise EvaluationError(f"reference {path}: not a readable .npz ({e})") from None
+    if "mu" not in stats or "sigma" not in stats:
+        raise EvaluationError(f"reference {path}: holds {sorted(stats)}, needs arrays mu and sigma")
+    recorded = str(stats.get("feature_extractor", feature_extractor))
+    if recorded != feature_extractor:
+        raise EvaluationError(
+            f"reference {path} was computed with the feature extractor {recorded!r}, this evaluation uses "
+            f"{feature_extractor!r}: use the same one for both"
+        )
+    return stats
+
+
+def save_statistics(path: str | Path, stats: Mapping[str, np.ndarray], feature_extractor: str, **meta: Any) -> Path:
+    """An .npz with mu, sigma, the feature extractor's name and `meta`, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp.npz")
+    np.savez(temporary, mu=stats["mu"], sigma=stats["sigma"], feature_extractor=feature_extractor, **meta)
+    temporary.replace(path)
+    return path
+
+
+def dataset_batches(
+    url: str,
+    *,
+    limit: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    storage_options: Mapping[str, Any] | None = None,
+    codec: Codec | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `limit` samples of a latent dataset (manifest order), decoded: shard s is read by rank
+    s mod world size. Stored moments are decoded at their mean, the VAE's reconstruction of the image."""
+    manifest = load_manifest(url, storage_options)
+    codec = codec or codec_from_manifest(manifest["codec"], device)
+    fs, root = filesystem(url, storage_options)
+    moments = manifest["latent"]["moments"]
+    first = 0
+    for shard_index, shard in enumerate(manifest["shards"]):
+        count = min(shard["samples"], limit - first)
+        if count <= 0:
+            break
+        if shard_index % world_size == rank:
+            samples = parse_tar(read_bytes(fs, join(root, shard["name"])))[:count]
+            for start in range(0, count, batch_size):
+                stored = np.stack([decode_npy(s["latent.npy"]) for s in samples[start : start + batch_size]])
+                latents = torch.from_numpy(stored).float()
+                if moments:
+                    latents = latents.chunk(2, dim=1)[0]
+                indices = torch.arange(first + start, first + min(start + batch_size, count))
+                yield indices, codec.decode(latents.to(device))
+        first += shard["samples"]
+
+
+def image_resolution(codec_info: Mapping[str, Any], latent_shape: list[int]) -> int:
+    """The side of the images that latents of this shape decode to."""
+    return int(latent_shape[-1]) * int(codec_info.get("downsample", 1))
+
+
+def reference_statistics(
+    reference: str,
+    features: FeatureNet,
+    *,
+    limit: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    storage_options: Mapping[str, Any] | None = None,
+    cache: Path | None = None,
+) -> dict[str, Any] | None:
+    """Statistics of a reference on rank 0 (None elsewhere; a collective for datasets): an .npz as it
+    is, or the first `limit` samples of a latent dataset. A dataset's statistics are saved to `cache`
+    and read back from there while the reference, limit and extractor are the same."""
+    if reference.endswith(".npz"):
+        if not Path(reference).is_file():
+            raise EvaluationError(f"reference {reference}: no such statistics file")
+        return load_statistics(reference, features.name) if rank == 0 else None
+    meta = {"reference": redact_url(reference), "num_samples": limit}
+    if cache is not None and cache.is_file():
+        stats = load_statistics(cache, features.name)
+        if all(str(stats.get(k)) == str(v) for k, v in meta.items()):
+            return stats if rank == 0 else None
+    batches = dataset_batches(
+        reference,
+        limit=limit,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        storage_options=storage_options,
+    )
+    gathered = extract_features(batches, features)
+    if gathered is None:
+        return None
+    stats = statistics(gathered["fid"])
+    meta["num_samples"] = len(gathered["fid"])
+    if cache is not None:
+        save_statistics(cache, stats, features.name, **meta)
+    return {**stats, **meta}
+
+
+class TrainingFid:
+    """FID of EMA weights during training, on every rank's share of a fixed set of samples: fixed
+    labels and seed, so the FIDs of different steps compare. Rank 0 holds the reference statistics
+    and gets the scores; the model copy and the codec are built once, without touching the training RNG."""
+
+    def __init__(
+        self,
+        info: dict[str, Any],
+        features: FeatureNet,
+        reference: Mapping[str, np.ndarray] | None,
+        guidance: Guidance,
+        *,
+        num_samples: int,
+        steps: int,
+        sampler: str,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        from .inference import build_from_info
+
+        self.info, self.features, self.reference, self.guidance = info, features, reference, guidance
+        self.steps, self.sampler, self.batch_size, self.seed = steps, sampler, batch_size, seed
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.labels = sample_labels(num_samples, max(1, info["model"]["num_classes"]))
+        with torch.random.fork_rng(devices=[]):
+            self.model, self.diffusion = build_from_info(info)
+        self.model.to(self.device).eval()
+        self.codec = codec_from_manifest(info["codec"], self.device)
+
+    def __call__(self, weights: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        """Scores on rank 0, None elsewhere (a collective)."""
+        self.model.load_state_dict(weights)
+        batches = sample_batches(
+            self.model,
+            self.diffusion,
+            self.info,
+            self.labels,
+            self.guidance,
+            steps=self.steps,
+            sampler=self.sampler,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            device=self.device,
+            codec=self.codec,
+        )
+        gathered = extract_features(batches, self.features)
+        return None if gathered is None else scores(gathered, self.reference)
