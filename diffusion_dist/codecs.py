@@ -61,7 +61,10 @@ class AutoencoderKLCodec:
         from diffusers import AutoencoderKL
 
         try:
-            self.vae = AutoencoderKL.from_pretrained(model, subfolder=subfolder, low_cpu_mem_usage=False)
+            # from_pretrained initialises the modules randomly before loading the weights: keep that
+            # off the caller's RNG, so loading a VAE mid-training (grids, FID) leaves its trajectory alone.
+            with torch.random.fork_rng(devices=[]):
+                self.vae = AutoencoderKL.from_pretrained(model, subfolder=subfolder, low_cpu_mem_usage=False)
         except (OSError, ValueError) as e:
             where = f"{model!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
             raise ValueError(

@@ -255,7 +255,7 @@ def validate(config: Config, world_size: int = 1) -> None:
     check(evaluation.cfg_scale >= 0, "eval.cfg_scale", "must be >= 0")
     choice("eval.sampler", list(SAMPLERS))
     check(
-        1 <= evaluation.sample_steps <= diffusion.num_timesteps,
+        not evaluation.every or 1 <= evaluation.sample_steps <= diffusion.num_timesteps,
         "eval.sample_steps",
         f"must lie in [1, diffusion.num_timesteps={diffusion.num_timesteps}]",
     )

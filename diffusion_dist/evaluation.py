@@ -137,6 +137,15 @@ class FeatureNet:
             "--download-weights"
         )
 
+    def check(self, stats: Mapping[str, np.ndarray], resolution: int) -> None:
+        """EvaluationError unless reference statistics have this network's feature size (one dummy forward)."""
+        size = self(torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8))["fid"].shape[1]
+        if np.shape(stats["mu"]) != (size,) or np.shape(stats["sigma"]) != (size, size):
+            raise EvaluationError(
+                f"reference statistics of {np.shape(stats['mu'])[0]} features, {self.name} gives {size}: "
+                "compute the reference with the same feature extractor"
+            )
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) uint8 -> {"fid": (B, D) float64 on the CPU, "isc": (B, K) float64 when available}."""
@@ -161,7 +170,7 @@ def extract_features(batches: ImageBatches, features: FeatureNet) -> dict[str, t
         torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
         {k: torch.cat(v) for k, v in parts.items()},
     )
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(local, gathered, dst=0)
         if dist.get_rank() != 0:
@@ -171,6 +180,10 @@ def extract_features(batches: ImageBatches, features: FeatureNet) -> dict[str, t
     order = torch.argsort(torch.cat([index for index, _ in gathered]))
     keys = sorted(set().union(*(rows.keys() for _, rows in gathered)))
     return {key: torch.cat([rows[key] for _, rows in gathered if key in rows])[order] for key in keys}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
@@ -265,9 +278,10 @@ def sample_batches(
 def load_statistics(path: str | Path, feature_extractor: str) -> dict[str, Any]:
     """Reference statistics from an .npz with mu and sigma (the convention of ADM, pytorch-fid and
     clean-fid); when the file records its feature extractor, it must be this one."""
-    try:
+    wanted = ("mu", "sigma", "feature_extractor", "reference", "limit", "num_samples")
+    try:  # only these keys: ADM's reference batches also hold gigabytes of images
         with np.load(path, allow_pickle=False) as data:
-            stats = {key: data[key] for key in data.files}
+            stats = {key: data[key] for key in wanted if key in data.files}
     except (OSError, ValueError) as e:
         raise EvaluationError(f"reference {path}: not a readable .npz ({e})") from None
     if "mu" not in stats or "sigma" not in stats:
@@ -341,19 +355,34 @@ def reference_statistics(
     device: str | torch.device = "cpu",
     storage_options: Mapping[str, Any] | None = None,
     cache: Path | None = None,
+    resolution: int | None = None,
 ) -> dict[str, Any] | None:
     """Statistics of a reference on rank 0 (None elsewhere; a collective for datasets): an .npz as it
-    is, or the first `limit` samples of a latent dataset. A dataset's statistics are saved to `cache`
-    and read back from there while the reference, limit and extractor are the same."""
+    is (checked against the extractor's feature size at `resolution`), or the first `limit` samples of
+    a latent dataset. Rank 0 saves a dataset's statistics to `cache` and reads them back from there
+    while the reference, limit and extractor are the same."""
     if reference.endswith(".npz"):
         if not Path(reference).is_file():
             raise EvaluationError(f"reference {reference}: no such statistics file")
-        return load_statistics(reference, features.name) if rank == 0 else None
-    meta = {"reference": redact_url(reference), "num_samples": limit}
-    if cache is not None and cache.is_file():
-        stats = load_statistics(cache, features.name)
-        if all(str(stats.get(k)) == str(v) for k, v in meta.items()):
-            return stats if rank == 0 else None
+        stats = load_statistics(reference, features.name)  # on every rank: all fail together, at start
+        if resolution:
+            features.check(stats, resolution)
+        return stats if rank == 0 else None
+    meta = {"reference": redact_url(reference), "limit": limit}
+    cached = None
+    if rank == 0 and cache is not None and cache.is_file():
+        try:
+            stats = load_statistics(cache, features.name)
+            cached = stats if all(str(stats.get(k)) == str(v) for k, v in meta.items()) else None
+        except EvaluationError:  # another extractor's, or damaged: computed anew
+            cached = None
+    if _distributed():  # rank 0 decides: all ranks compute together, or none does
+        box = [cached is not None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            return cached
+    elif cached is not None:
+        return cached
     batches = dataset_batches(
         reference,
         limit=limit,

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from data_tools.encode_latents import json_options
 from data_tools.images import IMAGE_EXTENSIONS, BadImage, center_crop_resize, decode_image
 from diffusion_dist.data.manifest import DatasetError, load_manifest
-from diffusion_dist.data.storage import filesystem, read_bytes, redact_url
+from diffusion_dist.data.storage import filesystem, read_bytes, redact_text, redact_url
 from diffusion_dist.distributed import init_process_group, process_from_env
 from diffusion_dist.evaluation import (
     INCEPTION,
@@ -165,12 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    if args.device is None and torch.cuda.is_available():  # one GPU per rank
+    if args.device in (None, "cuda") and torch.cuda.is_available():  # one GPU per rank
         args.device = f"cuda:{process.local_rank % torch.cuda.device_count()}"
         torch.cuda.set_device(args.device)
     try:
         # Everything that can be wrong is found here, before any sampling.
-        model, diffusion, info, classifier, num_classes = load_models(args)
+        model, diffusion, info, classifier, num_classes = load_models(args, need_classes=False)
         device = torch.device(args.device)
         if args.num_samples < 2:
             raise EvaluationError(f"--num-samples {args.num_samples}: FID needs at least 2")
@@ -178,23 +178,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise EvaluationError("--batch-size must be >= 1 and --reference-samples >= 2")
         cfg_scales = args.cfg_scale or [info["diffusion"]["guidance_scale"]]
         out = output_folder(args)
-        reference = Reference(
-            args.reference, image_resolution(info["codec"], info["latent_shape"]), args.storage_options
-        )
+        resolution = image_resolution(info["codec"], info["latent_shape"])
+        reference = Reference(args.reference, resolution, args.storage_options)
         features = FeatureNet(args.feature_extractor, args.feature_weights, device, download=args.download_weights)
+        if reference.kind == "statistics":
+            reference_stats = load_statistics(args.reference, features.name)
+            features.check(reference_stats, resolution)
     except (EvaluationError, DatasetError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     if process.world_size > 1:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
         init_process_group(process, device)
     steps = args.steps or info["diffusion"]["sample_steps"]
     sampler = args.sampler or info["diffusion"]["sampler"]
     rank, world = process.rank, process.world_size
 
     started = time.perf_counter()
-    if reference.kind == "statistics":
-        reference_stats = load_statistics(args.reference, features.name) if rank == 0 else None
-    else:
+    if reference.kind != "statistics":
         batches = reference.batches(args.reference_samples, args.batch_size, rank, world, args.device)
         gathered = extract_features(batches, features)
         reference_stats = (
@@ -212,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             meta = {"reference": redact_url(args.reference), "num_samples": reference_count}
             save_statistics(args.save_reference_stats, reference_stats, features.name, **meta)
 
-    labels = sample_labels(args.num_samples, num_classes)
+    labels = sample_labels(args.num_samples, max(1, num_classes))  # an unconditional model: all ∅ anyway
     results = []
     for scale in cfg_scales:
         started = time.perf_counter()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion_dist.data.storage import redact_text
 from diffusion_dist.diffusion import SAMPLERS
 from diffusion_dist.inference import Guidance, check_classifier, generate_images, image_grid
 from diffusion_dist.train.export import load_export
@@ -34,8 +35,10 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
-def load_models(args: argparse.Namespace) -> tuple:
-    """(model, diffusion, info, classifier or None, number of classes to sample); ValueError says what is wrong."""
+def load_models(args: argparse.Namespace, need_classes: bool = True) -> tuple:
+    """(model, diffusion, info, classifier or None, number of classes to sample); ValueError says what is wrong.
+
+    need_classes: refuse an unconditional model without a classifier (it cannot follow --classes)."""
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, diffusion, info = load_export(args.export, args.device)
     if info["model"].get("kind", "unet") != "unet":
@@ -48,7 +51,7 @@ def load_models(args: argparse.Namespace) -> tuple:
         num_classes = classifier_info["model"]["num_classes"]
     if args.classifier_scale < 0:
         raise ValueError(f"--classifier-scale {args.classifier_scale}: must be >= 0")
-    if num_classes == 0:
+    if num_classes == 0 and need_classes:
         raise ValueError(f"{args.export} is unconditional: pass --classifier to sample classes")
     steps = args.steps or info["diffusion"]["sample_steps"]
     if not 1 <= steps <= diffusion.num_timesteps:
@@ -73,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad:
             raise ValueError(f"--classes {bad} outside [0, {num_classes})")
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     defaults = info["diffusion"]
     labels = [c for c in classes for _ in range(args.per_class)]

@@ -19,7 +19,7 @@ from diffusion_dist.models import NoisyClassifier
 from diffusion_dist.train.checkpoint import committed_checkpoints, step_of
 from diffusion_dist.train.export import load_export
 from tests.conftest import ROOT
-from tests.fid_features import DigitFeatures, digit_images
+from tests.fid_features import SPEC, DigitFeatures, digit_images
 from tests.test_train import ENV, overrides, train
 
 
@@ -82,8 +82,16 @@ def test_classifier_accuracy_on_noisy_latents_falls_with_t(classifier_run):
 
 
 def sample(*args) -> subprocess.CompletedProcess:
+    return run_module("launch.sample", *args)
+
+
+def evaluate(*args) -> subprocess.CompletedProcess:
+    return run_module("launch.evaluate", *args)
+
+
+def run_module(module: str, *args) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "launch.sample", *map(str, args)],
+        [sys.executable, "-m", module, *map(str, args)],
         cwd=ROOT,
         env=ENV,
         capture_output=True,
@@ -116,6 +124,22 @@ def test_classifier_guidance_steers_an_unconditional_model(
     assert hits[0.0] < 0.3, hits  # unguided: about 1 in 10 by chance
     assert hits[0.0] < hits[4.0] < hits[16.0], hits  # more so as s grows
     assert hits[16.0] > 0.6, hits
+
+
+def test_evaluate_an_unconditional_model_with_and_without_classifier_guidance(
+    classifier_run, unconditional_run, digits_latents, digit_weights, tmp_path
+):
+    common = ["--num-samples", 100, "--steps", 10, "--reference", digits_latents, "--reference-samples", 500]
+    common += ["--feature-extractor", SPEC, "--feature-weights", digit_weights, "--no-tracking"]
+    reports = {}
+    for name, guidance in (("plain", []), ("guided", ["--classifier", classifier_run, "--classifier-scale", 16])):
+        result = evaluate(unconditional_run, *common, *guidance, "--out", tmp_path / name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    assert reports["plain"]["classifier"] is None
+    assert reports["guided"]["classifier"] == str(classifier_run.resolve())
+    assert reports["guided"]["classifier_scale"] == 16
+    assert reports["plain"]["results"][0]["fid"] != reports["guided"]["results"][0]["fid"]
 
 
 def test_sampling_refuses_a_mismatched_classifier(classifier_run, unconditional_run, tmp_path):

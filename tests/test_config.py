@@ -101,7 +101,13 @@ def test_yaml_round_trip_redacts_credentials():
     assert "CANARY" not in text.upper()
     tree = yaml.safe_load(text)
     assert tree["data"]["storage_options"]["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9000"
-    assert tree["model"] == {"size": "UNet-B", "num_classes": 1000, "dropout": 0.0, "gradient_checkpointing": False}
+    assert tree["model"] == {
+        "kind": "unet",
+        "size": "UNet-B",
+        "num_classes": 1000,
+        "dropout": 0.0,
+        "gradient_checkpointing": False,
+    }
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

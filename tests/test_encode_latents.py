@@ -53,6 +53,16 @@ def tiny_vae(tmp_path_factory) -> Path:
     return path
 
 
+def test_loading_a_vae_leaves_the_global_rng_alone(tiny_vae):
+    """Grids and FID load the VAE mid-training: its random initialisation must not shift the run's draws."""
+    from diffusion_dist.codecs import AutoencoderKLCodec
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    AutoencoderKLCodec(str(tiny_vae))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def encode(*args: str) -> int:
     return encode_latents.main([str(a) for a in args])
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -19,7 +20,7 @@ import torch
 
 from diffusion_dist.evaluation import FeatureNet, frechet_distance, inception_score, reference_statistics, statistics
 from launch import evaluate
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from tests.fid_features import SPEC
 from tests.test_train import ENV, overrides, train
 
@@ -80,6 +81,7 @@ def fid_run(digits_latents, digit_weights, tmp_path_factory) -> Path:
         run_dir,
         digits_latents,
         train__max_steps=200,
+        model__dropout=0.1,  # draws from the training RNG every step: the FID must not shift them
         tracking__enabled="true",
         tracking__log_every=50,
         tracking__sample_every=0,
@@ -95,11 +97,14 @@ def fid_records(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, lines) if "fid" in r}
 
 
-def run_evaluate(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_evaluate(*args, ranks: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}"]
     return subprocess.run(
-        [sys.executable, "-m", "launch.evaluate", *map(str, args)],
+        [*launcher, "-m", "launch.evaluate", *map(str, args)],
         cwd=ROOT,
-        env=env or ENV,
+        env=ENV,
         capture_output=True,
         text=True,
         timeout=600,
@@ -108,7 +113,7 @@ def run_evaluate(*args, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def test_in_training_fid_is_logged_and_equals_launch_evaluate_on_the_export(fid_run, digits_latents, digit_weights):
     """The FID at the last step (2 ranks, EMA weights) is the FID launch.evaluate gives the export
-    (1 rank) with the same settings: same samples, same reference, whatever the number of ranks."""
+    with the same settings on 1 and on 2 ranks: same samples, same reference, whatever the ranks."""
     records = fid_records(fid_run)
     assert sorted(records) == [100, 200]
     assert all(r["fid"] > 0 and r["inception_score"] >= 1 for r in records.values())
@@ -121,23 +126,47 @@ def test_in_training_fid_is_logged_and_equals_launch_evaluate_on_the_export(fid_
     history = client.get_metric_history(run_id, "fid")
     assert {m.step: m.value for m in history} == {s: r["fid"] for s, r in records.items()}
 
-    result = run_evaluate(
-        fid_run,
+    arguments = [
         *("--num-samples", EVAL_SETTINGS["num_samples"], "--cfg-scale", EVAL_SETTINGS["cfg_scale"]),
         *("--steps", EVAL_SETTINGS["sample_steps"], "--sampler", EVAL_SETTINGS["sampler"], "--seed", 0),
         *("--reference", digits_latents, "--reference-samples", 1797, "--batch-size", EVAL_SETTINGS["batch_size"]),
         *("--feature-extractor", SPEC, "--feature-weights", digit_weights, "--no-tracking"),
-        *("--out", fid_run / "eval" / "same-settings"),
+    ]
+    for ranks in (1, 2):
+        out = fid_run / "eval" / f"same-settings-{ranks}"
+        result = run_evaluate(fid_run, *arguments, "--out", out, ranks=ranks)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((out / "report.json").read_text())
+        assert report["world_size"] == ranks
+        assert report["results"][0]["fid"] == pytest.approx(records[200]["fid"], rel=1e-9)
+        assert report["reference"] == {"source": str(digits_latents), "kind": "dataset", "num_samples": 1797}
+
+
+def test_resumed_run_reuses_the_reference_statistics(fid_run, digits_latents, digit_weights, tmp_path):
+    """A restart reads the cached reference (rank 0 decides, both ranks agree) and logs FID on."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(fid_run, run_dir)
+    cache = run_dir / "eval" / "reference-stats.npz"
+    before = cache.stat().st_mtime_ns
+    args = overrides(
+        run_dir,
+        digits_latents,
+        train__max_steps=300,
+        model__dropout=0.1,
+        tracking__log_every=50,
+        tracking__sample_every=0,
+        **eval_overrides(digit_weights, every=100),
     )
+    result = train(args, ranks=2, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((fid_run / "eval" / "same-settings" / "report.json").read_text())
-    assert report["results"][0]["fid"] == pytest.approx(records[200]["fid"], rel=1e-9)
-    assert report["reference"] == {"source": str(digits_latents), "kind": "dataset", "num_samples": 1797}
+    assert "resumed from" in result.stderr
+    assert sorted(fid_records(run_dir)) == [100, 200, 300]
+    assert cache.stat().st_mtime_ns == before
 
 
 def test_fid_does_not_change_the_training_trajectory(fid_run, digits_latents, digit_weights, tmp_path):
     """Sampling for FID draws from its own generators: losses match a run without it bit for bit."""
-    args = overrides(tmp_path, digits_latents, train__max_steps=200, tracking__log_every=50)
+    args = overrides(tmp_path, digits_latents, train__max_steps=200, tracking__log_every=50, model__dropout=0.1)
     assert train(args, ranks=2, timeout=600).returncode == 0
 
     def losses(run_dir: Path) -> dict[int, float]:
@@ -237,6 +266,12 @@ def test_evaluate_refuses_bad_input_before_sampling(
     assert "cannot be imported" in error(*reference, "--feature-extractor", "tests.no_such_module:Net")
     assert "neither a statistics .npz" in error("--reference", tmp_path / "missing", "--feature-extractor", SPEC)
     assert "no such statistics file" in error("--reference", tmp_path / "missing.npz", "--feature-extractor", SPEC)
+    np.savez(tmp_path / "other.npz", mu=np.zeros(3), sigma=np.eye(3), feature_extractor=SPEC)
+    assert "statistics of 3 features" in error("--reference", tmp_path / "other.npz", "--feature-extractor", SPEC)
+    np.savez(tmp_path / "inception.npz", mu=np.zeros(64), sigma=np.eye(64), feature_extractor="inception-v3-compat")
+    assert "computed with the feature extractor" in error(
+        "--reference", tmp_path / "inception.npz", "--feature-extractor", SPEC
+    )
     assert "FID needs at least 2" in error(*reference, "--feature-extractor", SPEC, "--num-samples", 1)
     assert "not a classifier" in error(*reference, "--feature-extractor", SPEC, "--classifier", fid_run)
     (tmp_path / "done").mkdir()

@@ -25,7 +25,7 @@ from ..data.storage import redact_url
 from ..data.stream import LatentLoader
 from ..diffusion import GaussianDiffusion, classifier_loss, diffusion_loss, timestep_quartile_sums
 from ..distributed import ProcessInfo, init_process_group
-from ..evaluation import FeatureNet, TrainingFid, reference_statistics
+from ..evaluation import FeatureNet, TrainingFid, image_resolution, reference_statistics
 from ..inference import Guidance, SampleGrid
 from ..models import build_classifier, build_unet
 from .checkpoint import SHARED, Checkpointer, committed_checkpoints, load_state
@@ -83,14 +83,17 @@ class MetricsLog:
     """Sums kept on the device between log steps (no host sync per step); at a log step they are
     all-reduced once and rank 0 appends a JSON line to run.dir/metrics.jsonl."""
 
-    def __init__(self, run_dir: Path, rank: int, num_timesteps: int, device: torch.device) -> None:
+    def __init__(
+        self, run_dir: Path, rank: int, num_timesteps: int, device: torch.device, accuracy: bool = False
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.rank, self.num_timesteps, self.device = rank, num_timesteps, device
+        self.accuracy = accuracy  # a classifier's: accuracy and accuracy_q0..q3
         self.reset()
 
     def reset(self) -> None:
-        # Rows: loss sums, sample counts, correct predictions and labelled samples (classifiers), by quartile.
-        self.sums = torch.zeros(4, 4, dtype=torch.float64, device=self.device)
+        # Rows, each by timestep quartile: loss sums, sample weights, correct predictions (classifiers).
+        self.sums = torch.zeros(3, 4, dtype=torch.float64, device=self.device)
         self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.grad_norms = 0
         self.data_wait = 0.0  # seconds this rank waited for batches
@@ -107,10 +110,10 @@ class MetricsLog:
             self.started += time.perf_counter() - paused
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
-        self.sums[:2] += torch.stack(timestep_quartile_sums(terms["t"], terms["loss"], self.num_timesteps))
-        if "correct" in terms:
-            self.sums[2] += timestep_quartile_sums(terms["t"], terms["correct"], self.num_timesteps)[0]
-            self.sums[3] += timestep_quartile_sums(terms["t"], terms["labelled"], self.num_timesteps)[0]
+        weights = terms.get("labelled", torch.ones_like(terms["loss"]))  # a classifier's unlabelled samples: 0
+        for row, values in enumerate((terms["loss"], weights, terms.get("correct"))):
+            if values is not None:
+                self.sums[row] += timestep_quartile_sums(terms["t"], values, self.num_timesteps)[0]
 
     def end_step(self, grad_norm: float | torch.Tensor | None) -> None:
         """After an optimizer step; grad_norm is its global gradient norm (None: skipped or not known)."""
@@ -123,7 +126,7 @@ class MetricsLog:
         """All-reduce the sums since the last write (a collective) and log them on rank 0."""
         totals = self.sums.clone()
         dist.all_reduce(totals)
-        sums, counts, correct, labelled = totals
+        sums, counts, correct = totals
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         record = {
             "step": progress.step,
@@ -136,9 +139,9 @@ class MetricsLog:
             "step_time_s": elapsed / max(self.steps, 1),
             "data_wait_fraction": self.data_wait / elapsed,
         }
-        if labelled.sum() > 0:
-            record["accuracy"] = (correct.sum() / labelled.sum()).item()
-            record.update({f"accuracy_q{q}": (correct[q] / labelled[q]).item() for q in range(4) if labelled[q] > 0})
+        if self.accuracy:
+            record["accuracy"] = (correct.sum() / counts.sum().clamp(min=1)).item()
+            record.update({f"accuracy_q{q}": (correct[q] / counts[q]).item() for q in range(4) if counts[q] > 0})
         if self.grad_norms:
             record["grad_norm"] = (self.grad_norm_sum / self.grad_norms).item()
         if loss_scale is not None:
@@ -301,7 +304,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         if rank == 0:
             log.info("step %d: checkpoint %s", progress.step, directory)
 
-    metrics = MetricsLog(run_dir, rank, diffusion.num_timesteps, device)
+    metrics = MetricsLog(run_dir, rank, diffusion.num_timesteps, device, accuracy=is_classifier)
     keys_log = (run_dir / "logs" / f"keys-rank{rank}.txt").open("a") if config.run.log_sample_keys else None
     batches = iter(data)
     accumulation = engine.gradient_accumulation_steps()
@@ -345,7 +348,10 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
                         vlb_weight=config.diffusion.vlb_weight,
                         generator=generator,
                     )
-                engine.backward(terms["loss"].mean())
+                if is_classifier:  # the mean over labelled samples (unlabelled ones weigh 0)
+                    engine.backward(terms["loss"].sum() / terms["labelled"].sum().clamp(min=1))
+                else:
+                    engine.backward(terms["loss"].mean())
                 if stage_zero and micro == accumulation - 1:
                     # Without ZeRO, DeepSpeed applies non-finite gradients; they are already
                     # all-reduced here, so every rank sees the same verdict and skips together.
@@ -529,7 +535,8 @@ def _training_fid(
         world_size=process.world_size,
         device=device,
         storage_options=config.data.storage_options,
-        cache=cache if process.rank == 0 else None,
+        cache=cache,
+        resolution=image_resolution(export_info["codec"], export_info["latent_shape"]),
     )
     if process.rank == 0:
         log.info(
