@@ -36,9 +36,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = (
-        "unet"  # unet: the diffusion model | classifier: p(c | z_t, t) on noisy latents, for classifier guidance
-    )
+    kind: str = "unet"  # unet: the diffusion model | classifier: p(c | z_t, t) for classifier guidance
     size: str = "UNet-B"  # a named size of models.UNET_SIZES (a classifier is the encoder half of that size)
     num_classes: int = 1000  # labels 0..num_classes−1; index num_classes is the null token ∅
     dropout: float = 0.0

@@ -25,7 +25,7 @@ from .data.manifest import load_manifest
 from .data.shards import decode_npy, parse_tar
 from .data.storage import filesystem, join, read_bytes, redact_url
 from .diffusion import GaussianDiffusion
-from .inference import Guidance, generate_images
+from .inference import Guidance, generate_images, sampling_copy
 from .models import UNet
 
 INCEPTION = "inception-v3-compat"
@@ -423,16 +423,11 @@ class TrainingFid:
         world_size: int = 1,
         device: str | torch.device = "cpu",
     ) -> None:
-        from .inference import build_from_info
-
         self.info, self.features, self.reference, self.guidance = info, features, reference, guidance
         self.steps, self.sampler, self.batch_size, self.seed = steps, sampler, batch_size, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.labels = sample_labels(num_samples, max(1, info["model"]["num_classes"]))
-        with torch.random.fork_rng(devices=[]):
-            self.model, self.diffusion = build_from_info(info)
-        self.model.to(self.device).eval()
-        self.codec = codec_from_manifest(info["codec"], self.device)
+        self.model, self.diffusion, self.codec = sampling_copy(info, self.device)
 
     def __call__(self, weights: dict[str, torch.Tensor]) -> dict[str, float] | None:
         """Scores on rank 0, None elsewhere (a collective)."""

@@ -42,6 +42,14 @@ def build_from_info(info: dict[str, Any]) -> tuple[UNet | NoisyClassifier, Gauss
     return model, diffusion
 
 
+def sampling_copy(info: dict[str, Any], device: str | torch.device) -> tuple[UNet, GaussianDiffusion, Codec]:
+    """A model copy in eval mode, its chain and codec for sampling during training (grids, FID): built
+    without drawing from the training RNG (model init here, the VAE's in the codec)."""
+    with torch.random.fork_rng(devices=[]):
+        model, diffusion = build_from_info(info)
+    return model.to(device).eval(), diffusion, codec_from_manifest(info["codec"], device)
+
+
 class Guidance(NamedTuple):
     """How to steer sampling: classifier-free scale w, and optionally a noisy classifier with scale s."""
 
@@ -108,10 +116,7 @@ class SampleGrid:
             {c * num_classes // min(num_classes, max_classes) for c in range(min(num_classes, max_classes))}
         )
         self.labels = [c for c in self.classes for _ in range(per_class)]
-        with torch.random.fork_rng(devices=[]):  # initialising the copy must not draw from the training RNG
-            self.model, self.diffusion = build_from_info(info)
-        self.model.to(device).eval()
-        self.codec = codec_from_manifest(info["codec"], device)
+        self.model, self.diffusion, self.codec = sampling_copy(info, device)
 
     def __call__(self, ema_weights: dict[str, torch.Tensor]) -> np.ndarray:
         """One uint8 image (rows·H, per_class·W, 3) from these weights."""
