@@ -328,12 +328,18 @@ def test_resume_after_kill_continues_the_same_run(mlflow_server, digits_latents,
         tracking__uri=mlflow_server.uri,
         tracking__experiment=experiment,
         tracking__log_every=5,
+        model__size="UNet-S",  # slow enough that the kill lands between the step-20 and step-40 checkpoints
     )
     process = start(args)
-    wait_for_step(tmp_path, 25, process)
+    client = mlflow_server.client()
+    wait_for_step(tmp_path, 25, process)  # past the step-20 checkpoint
+    # Kill once the steps before it have reached the server: kill -9 loses what was not delivered.
+    wait_until(lambda: experiment_runs(client, experiment), what="the run on the server")
+    run_id = experiment_runs(client, experiment)[0].info.run_id
+    wait_until(lambda: {5, 10, 15, 20} <= set(metric_steps(client, run_id)), what="steps 5-20 on the server")
+    assert process.poll() is None, "the run ended before it could be killed"
     kill_tree(process)
     killed_at = time.time() * 1000
-    client = mlflow_server.client()
     (killed,) = experiment_runs(client, experiment)
     assert killed.info.status == "RUNNING"
 
