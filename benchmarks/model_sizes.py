@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from flops import FlopCounterMode  # torch's, also counting the CPU flash-attention kernel
 
 from diffusion_dist.models import UNET_SIZES, build_unet
 

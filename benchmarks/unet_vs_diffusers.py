@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from flops import FlopCounterMode  # torch's, also counting the CPU flash-attention kernel
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from diffusion_dist.models import UNET_SIZES, build_unet  # noqa: E402

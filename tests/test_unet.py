@@ -103,6 +103,32 @@ def test_attention_matches_the_textbook_formula():
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_takes_a_fused_kernel_in_either_memory_layout():
+    """q, k, v reach SDPA with a contiguous head dimension, so it picks a fused (flash) kernel
+    instead of its math fallback, which builds the (H·W)² attention matrix with bmm + softmax."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    block = randomize_zero_inits(AttentionBlock(64, num_head_channels=16))
+    x = torch.randn(2, 64, 8, 8, requires_grad=True)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        with Ops() as ops:
+            out = block(x.contiguous(memory_format=layout))
+            out.square().sum().backward()
+        assert any("flash_attention" in name for name in ops.names), sorted(ops.names)
+        assert not {name for name in ops.names if "bmm" in name or "softmax" in name}, sorted(ops.names)
+        torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-6)
+
+
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="unknown model size 'UNet-Q'"):
         build_unet("UNet-Q", 4, 10)

@@ -106,7 +106,9 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         n, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each (N, heads, H·W, C / heads)
+        # Fused (flash) SDPA kernels need a contiguous head dimension; without one SDPA falls back
+        # to its math path, which materialises the (H·W)² attention matrix. The copy is cheap.
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(dim=1)  # each (N, heads, H·W, C / heads)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, H·W, C / heads)
         out = out.transpose(-1, -2).reshape(n, c, h, w)
         return x + self.proj(out)
