@@ -55,7 +55,7 @@ class Progress:
 
 
 class PreemptionFlag:
-    """Signals only set a flag; the loop saves and exits at the next step boundary, on all ranks together.
+    """Signals only set a flag; the loop saves and exits at a step boundary, on all ranks together.
 
     `received` (names, for the whole process) lets a launcher tell a time-limit warning it should
     requeue after (launch.submit: SIGUSR2) from a cancellation (SIGTERM).
@@ -65,6 +65,8 @@ class PreemptionFlag:
 
     def __init__(self, names: list[str]) -> None:
         self.raised = False
+        self._group: Any = None
+        self._pending: tuple[Any, torch.Tensor] | None = None
         for name in names:
             signal.signal(getattr(signal, name), self._handle)
 
@@ -72,11 +74,31 @@ class PreemptionFlag:
         self.raised = True
         PreemptionFlag.received.add(signal.Signals(signum).name)
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank was signalled (a collective)."""
-        flag = torch.tensor([1.0 if self.raised else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    def agreed(self) -> bool:
+        """True on every rank, at the same call, once any rank was signalled (a collective).
+
+        Each call returns the verdict of the previous call's all-reduce, which ran in the
+        background on a CPU (gloo) group: asking every step never waits for the GPU to drain its
+        queue nor for the network. A signal is acted on one or two steps after it came.
+        """
+        verdict = self._collect()
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")  # a collective: every rank gets here first at step 1
+        flag = torch.tensor([1.0 if self.raised else 0.0])
+        self._pending = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag
+        return verdict
+
+    def _collect(self) -> bool:
+        if self._pending is None:
+            return False
+        work, flag = self._pending
+        work.wait()
+        self._pending = None
         return bool(flag.item())
+
+    def close(self) -> None:
+        """Wait for the last all-reduce, so no rank leaves one in flight."""
+        self._collect()
 
 
 class MetricsLog:
@@ -273,11 +295,14 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
     grid = _grid_sampler(export_info, config, device) if rank == 0 and grids else None
     fid = _training_fid(config, export_info, features, process, device) if features else None
 
+    # Convolutions follow their input's memory layout, so NHWC inputs give NHWC activations throughout.
+    layout = torch.channels_last if config.train.channels_last else torch.contiguous_format
+
     def model_fn(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return engine(z.to(dtype), t, labels).float()
+        return engine(z.to(dtype, memory_format=layout), t, labels).float()
 
     def classifier_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return engine(z.to(dtype), t).float()
+        return engine(z.to(dtype, memory_format=layout), t).float()
 
     def save() -> None:
         nonlocal saved_step
@@ -398,7 +423,8 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
                     _evaluate_fid(fid, ema, tracker, metrics.path, progress.step, rank)
             if keys_log:
                 keys_log.flush()
-            if preemption.agreed(device):
+            if preemption.agreed():
+                preemption.close()
                 save()
                 if rank == 0:
                     log.info("preempted: saved step %d, exiting with %d (requeue)", progress.step, REQUEUE_EXIT_CODE)
@@ -420,6 +446,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
             directory = write_export(run_dir / "export", weights, info, raw=raw)
             tracker.log_artifacts(directory, "export")
             log.info("done: %d steps; export in %s", progress.step, directory)
+        preemption.close()
         tracker.close("FINISHED", config.tracking.flush_timeout)
         dist.barrier()  # ranks end together: launchers end the others when the first one exits
         return 0
