@@ -5,7 +5,7 @@ python benchmarks/gpu_throughput.py [--sizes UNet-S UNet-B ...] [--resolutions 3
        [--device cuda] [--json results.json]
 
 For each size, latent resolution (4×32×32 is 256 px, 4×64×64 is 512 px), ZeRO stage and variant
-(eager; torch.compile of the UNet; channels_last; both) it trains with the project's DeepSpeed
+(eager; train.compile; train.channels_last; both) it trains with the project's DeepSpeed
 engine and loss (learned variance, DDPM-IP, label dropout) on random latents and reports img/s,
 step time, peak memory, training FLOPs per sample (forward + backward, by
 torch.utils.flop_counter) and MFU = img/s × FLOPs per sample / peak. The peak is the card's
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from flops import FlopCounterMode  # torch's, also counting the CPU flash-attention kernel
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from diffusion_dist.config import load_config  # noqa: E402
@@ -67,11 +67,12 @@ def train_flops_per_sample(size: str, resolution: int, device: torch.device) -> 
     return float(counter.get_total_flops())
 
 
-def time_steps(engine, diffusion: GaussianDiffusion, latents, labels, args: argparse.Namespace) -> float:
+def time_steps(engine, config, diffusion: GaussianDiffusion, latents, labels, args: argparse.Namespace) -> float:
     """Seconds per training step after args.warmup steps (compilation, cuDNN autotuning, allocator)."""
+    layout = torch.channels_last if config.train.channels_last else torch.contiguous_format  # as the trainer
 
     def model_fn(z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return engine(z.to(torch.bfloat16), t, y).float()
+        return engine(z.to(torch.bfloat16, memory_format=layout), t, y).float()
 
     def step() -> None:
         loss = diffusion_loss(model_fn, diffusion, latents, labels, null_label=1000)["loss"].mean()
@@ -97,25 +98,22 @@ def run(size: str, resolution: int, zero: int, variant: str, args: argparse.Name
         f"train.zero_stage={zero}",
         f"train.micro_batch_size={args.batch}",
         f"train.global_batch_size={args.batch}",
+        # The trainer's own switches: torch.compile of the UNet's forward, NHWC activations.
+        f"train.compile={'compile' in variant}",
+        f"train.channels_last={'channels_last' in variant}",
     ]
     config = load_config(None, overrides)
     torch.manual_seed(0)
     model = build_unet(size, 4, 1000, learn_sigma=True).to(device)
-    if "compile" in variant:
-        model.compile()  # compiles forward in place: parameter names stay those of the module
     diffusion = GaussianDiffusion.from_schedule("linear", 1000, "learned_range")
     latents = torch.randn(args.batch, 4, resolution, resolution, device=device)
-    if "channels_last" in variant:
-        # Activations only: DeepSpeed flattens parameters and cannot take channels_last weights
-        # ("must be 1 to view BFloat16 as Byte"); convolutions keep the input's layout.
-        latents = latents.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (args.batch,), device=device)
     gc.collect()  # the previous configuration's engine (reference cycles) must not count here
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        seconds = time_steps(build_engine(model, config, 1, device), diffusion, latents, labels, args)
+        seconds = time_steps(build_engine(model, config, 1, device), config, diffusion, latents, labels, args)
     except torch.OutOfMemoryError:
         return {"error": "OOM"}
     except Exception as e:  # noqa: BLE001 - one failing variant (e.g. a compile error) must not end the sweep

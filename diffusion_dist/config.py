@@ -80,6 +80,8 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
     max_skipped_steps: int = 20  # consecutive non-finite steps before training aborts
+    compile: bool = False  # torch.compile the model's forward in place (checkpoints unchanged); costs start-up time
+    channels_last: bool = False  # NHWC activations for the convolutions (weights stay NCHW: DeepSpeed flattens them)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed JSON keys, merged last
 
 

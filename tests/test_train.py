@@ -179,6 +179,19 @@ def test_zero_stages_follow_the_one_rank_trajectory(digits_latents, tmp_path, on
     assert consumed_keys(tmp_path, 0)[1] + consumed_keys(tmp_path, 1)[1]  # both ranks took part
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_compile_and_channels_last_follow_the_eager_trajectory(digits_latents, tmp_path, one_rank_losses, stage):
+    """train.compile and train.channels_last change kernels, not the model: the losses are the eager
+    ones, and so are the checkpoints (parameter names), so a run may switch either way on resume."""
+    fast = {"train__compile": "true", "train__channels_last": "true"}
+    compiled = train(overrides(tmp_path, digits_latents, train__max_steps=5, train__zero_stage=stage, **fast))
+    assert compiled.returncode == 0, compiled.stdout[-3000:] + compiled.stderr[-3000:]
+    eager = train(overrides(tmp_path, digits_latents, train__zero_stage=stage))
+    assert eager.returncode == 0 and "at step 5" in eager.stderr, eager.stdout[-3000:] + eager.stderr[-3000:]
+    losses = [metrics(tmp_path)[s]["loss"] for s in range(1, 11)]
+    np.testing.assert_allclose(losses, one_rank_losses, rtol=1e-4)
+
+
 def test_ema_under_zero3_equals_ema_of_gathered_weights(tmp_path):
     script = ROOT / "tests" / "scripts" / "ema_zero3.py"
     result = subprocess.run(

@@ -71,4 +71,6 @@ def build_engine(model: nn.Module, config: Config, world_size: int, device: torc
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config, world_size)
     )
+    if config.train.compile:
+        engine.compile()  # module.compile(): in place, so parameter names and checkpoints stay the eager ones
     return engine
