@@ -92,7 +92,13 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H·W positions, with a residual connection."""
+    """Multi-head self-attention over the H·W positions, with a residual connection.
+
+    The projections are linear layers on (N, H·W, C) tokens (ADM's are 1×1 convolutions, the same
+    map): q, k and v come out with a contiguous head dimension, which fused (flash) attention
+    kernels need (without one SDPA falls back to its math path and materialises the (H·W)²
+    matrix), and a GEMM is faster than a 1×1 convolution on CPUs.
+    """
 
     def __init__(self, channels: int, num_head_channels: int) -> None:
         super().__init__()
@@ -100,18 +106,24 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"{channels} channels do not split into heads of {num_head_channels}")
         self.num_heads = channels // num_head_channels
         self.norm = group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = zero_init(nn.Linear(channels, channels))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         n, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, c // self.num_heads, h * w)
-        # Fused (flash) SDPA kernels need a contiguous head dimension; without one SDPA falls back
-        # to its math path, which materialises the (H·W)² attention matrix. The copy is cheap.
-        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(dim=1)  # each (N, heads, H·W, C / heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, H·W, C / heads)
-        out = out.transpose(-1, -2).reshape(n, c, h, w)
-        return x + self.proj(out)
+        tokens = self.norm(x).reshape(n, c, h * w).transpose(1, 2)  # (N, H·W, C); a view if x is channels_last
+        qkv = self.qkv(tokens).reshape(n, h * w, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, heads, H·W, C / heads)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, h * w, c)
+        return x + self.proj(out).transpose(1, 2).reshape(n, c, h, w)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints from before the projections were linear hold them as 1×1 conv kernels.
+        for name in ("qkv.weight", "proj.weight"):
+            weight = state_dict.get(prefix + name)
+            if weight is not None and weight.dim() == 4:
+                state_dict[prefix + name] = weight.flatten(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Downsample(nn.Module):
