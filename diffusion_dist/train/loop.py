@@ -488,8 +488,9 @@ def _full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
     """The global 2-norm of the (already all-reduced) gradients, as a tensor: inf or nan if any is not finite."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.stack(norms).norm() if norms else torch.zeros(())
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    # _foreach_norm: one kernel for all tensors (a norm per tensor cost ~1% of a small model's step).
+    return torch.stack(torch._foreach_norm(grads)).norm() if grads else torch.zeros(())
 
 
 def _start_tracking(
