@@ -94,31 +94,16 @@ def test_cpu_training_is_bit_identical_across_runs():
 
 
 def test_attention_matches_the_textbook_formula():
+    """ADM's attention: 1×1 convolutions for q, k, v and the output, softmax(qᵀk / √d) per head."""
     torch.manual_seed(0)
     block = randomize_zero_inits(AttentionBlock(64, num_head_channels=16))
     x = torch.randn(2, 64, 4, 4)
-    h = block.norm(x).reshape(2, 64, 16)  # (N, C, HW)
-    qkv = torch.einsum("oc,nch->noh", block.qkv.weight, h) + block.qkv.bias[:, None]  # per position
+    qkv = torch.nn.functional.conv2d(block.norm(x), block.qkv.weight, block.qkv.bias)
     q, k, v = qkv.reshape(2, 3, 4, 16, 16).unbind(1)  # (N, heads, C/heads, HW)
     weights = torch.softmax(q.transpose(-1, -2) @ k / 16**0.5, dim=-1)  # (N, heads, HW, HW)
-    out = (v @ weights.transpose(-1, -2)).reshape(2, 64, 16)
-    expected = x + (torch.einsum("oc,nch->noh", block.proj.weight, out) + block.proj.bias[:, None]).reshape(x.shape)
+    out = (v @ weights.transpose(-1, -2)).reshape(2, 64, 4, 4)
+    expected = x + torch.nn.functional.conv2d(out, block.proj.weight, block.proj.bias)
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_attention_loads_projections_saved_as_1x1_convolutions():
-    """Checkpoints and exports from before the projections were linear layers still load."""
-    torch.manual_seed(0)
-    block = randomize_zero_inits(AttentionBlock(64, num_head_channels=16))
-    old = {
-        k: v[:, :, None, None] if k.endswith("qkv.weight") or k.endswith("proj.weight") else v
-        for k, v in block.state_dict().items()
-    }
-    assert old["qkv.weight"].shape == (192, 64, 1, 1)
-    fresh = AttentionBlock(64, num_head_channels=16)
-    fresh.load_state_dict(old)
-    x = torch.randn(2, 64, 4, 4)
-    torch.testing.assert_close(fresh(x), block(x), rtol=0, atol=0)
 
 
 def test_attention_takes_a_fused_kernel_in_either_memory_layout():

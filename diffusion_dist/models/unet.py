@@ -91,13 +91,23 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.out_layers(h)
 
 
+class TokenLinear(nn.Conv2d):
+    """ADM's 1×1 convolution (same parameters, same checkpoints) applied to (N, L, C) tokens as a
+    linear map: a GEMM, faster than a 1×1 convolution on CPUs, with its output's channels last."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.linear(tokens, self.weight.flatten(1), self.bias)
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H·W positions, with a residual connection.
 
-    The projections are linear layers on (N, H·W, C) tokens (ADM's are 1×1 convolutions, the same
-    map): q, k and v come out with a contiguous head dimension, which fused (flash) attention
-    kernels need (without one SDPA falls back to its math path and materialises the (H·W)²
-    matrix), and a GEMM is faster than a 1×1 convolution on CPUs.
+    q, k and v come out of the projection with a contiguous head dimension, which fused (flash)
+    attention kernels need: without one SDPA falls back to its math path, which materialises
+    the (H·W)² attention matrix.
     """
 
     def __init__(self, channels: int, num_head_channels: int) -> None:
@@ -106,24 +116,16 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"{channels} channels do not split into heads of {num_head_channels}")
         self.num_heads = channels // num_head_channels
         self.norm = group_norm(channels)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj = zero_init(nn.Linear(channels, channels))
+        self.qkv = TokenLinear(channels, 3 * channels)
+        self.proj = zero_init(TokenLinear(channels, channels))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         n, c, h, w = x.shape
-        tokens = self.norm(x).reshape(n, c, h * w).transpose(1, 2)  # (N, H·W, C); a view if x is channels_last
+        tokens = self.norm(x).reshape(n, c, h * w).transpose(1, 2)  # (N, H·W, C)
         qkv = self.qkv(tokens).reshape(n, h * w, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, heads, H·W, C / heads)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, h * w, c)
         return x + self.proj(out).transpose(1, 2).reshape(n, c, h, w)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # Checkpoints from before the projections were linear hold them as 1×1 conv kernels.
-        for name in ("qkv.weight", "proj.weight"):
-            weight = state_dict.get(prefix + name)
-            if weight is not None and weight.dim() == 4:
-                state_dict[prefix + name] = weight.flatten(1)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Downsample(nn.Module):
