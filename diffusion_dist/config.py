@@ -81,7 +81,7 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
     max_skipped_steps: int = 20  # consecutive non-finite steps before training aborts
     compile: bool = False  # torch.compile the model's forward in place (checkpoints unchanged); costs start-up time
-    channels_last: bool = False  # NHWC activations for the convolutions (weights stay NCHW: DeepSpeed flattens them)
+    channels_last: bool = False  # NHWC inputs, so convolutions run NHWC where they can; weights stay NCHW (DeepSpeed)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed JSON keys, merged last
 
 

@@ -62,6 +62,10 @@ export PYTHONUNBUFFERED=1
 # NCCL (GPU nodes): fail fast instead of hanging on a lost peer. Site-specific settings go in the
 # environment before sbatch, e.g. NCCL_SOCKET_IFNAME=ib0 or NCCL_IB_HCA=mlx5, NCCL_DEBUG=WARN.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# gloo carries the per-step preemption flag on GPU nodes too; it takes interface names only (no ^lo).
+if [[ -z ${GLOO_SOCKET_IFNAME:-} && -n ${NCCL_SOCKET_IFNAME:-} && ${NCCL_SOCKET_IFNAME} != ^* ]]; then
+    export GLOO_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME
+fi
 
 echo "train.sh: job $SLURM_JOB_ID start ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST:" \
     "$SLURM_NTASKS ranks, master $MASTER_ADDR:$MASTER_PORT, $(date -Is)"

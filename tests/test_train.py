@@ -179,14 +179,17 @@ def test_zero_stages_follow_the_one_rank_trajectory(digits_latents, tmp_path, on
     assert consumed_keys(tmp_path, 0)[1] + consumed_keys(tmp_path, 1)[1]  # both ranks took part
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_compile_and_channels_last_follow_the_eager_trajectory(digits_latents, tmp_path, one_rank_losses, stage):
+@pytest.mark.parametrize("stage, checkpointing", [(2, "false"), (3, "true")])
+def test_compile_and_channels_last_follow_the_eager_trajectory(
+    digits_latents, tmp_path, one_rank_losses, stage, checkpointing
+):
     """train.compile and train.channels_last change kernels, not the model: the losses are the eager
     ones, and so are the checkpoints (parameter names), so a run may switch either way on resume."""
+    run = {"train__zero_stage": stage, "model__gradient_checkpointing": checkpointing}
     fast = {"train__compile": "true", "train__channels_last": "true"}
-    compiled = train(overrides(tmp_path, digits_latents, train__max_steps=5, train__zero_stage=stage, **fast))
+    compiled = train(overrides(tmp_path, digits_latents, train__max_steps=5, **run, **fast))
     assert compiled.returncode == 0, compiled.stdout[-3000:] + compiled.stderr[-3000:]
-    eager = train(overrides(tmp_path, digits_latents, train__zero_stage=stage))
+    eager = train(overrides(tmp_path, digits_latents, **run))
     assert eager.returncode == 0 and "at step 5" in eager.stderr, eager.stdout[-3000:] + eager.stderr[-3000:]
     losses = [metrics(tmp_path)[s]["loss"] for s in range(1, 11)]
     np.testing.assert_allclose(losses, one_rank_losses, rtol=1e-4)

@@ -83,7 +83,7 @@ class PreemptionFlag:
         """
         verdict = self._collect()
         if self._group is None:
-            self._group = dist.new_group(backend="gloo")  # a collective: every rank gets here first at step 1
+            self._group = dist.new_group(backend="gloo")  # a collective: all ranks come here after their first step
         flag = torch.tensor([1.0 if self.raised else 0.0])
         self._pending = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag
         return verdict
@@ -295,7 +295,8 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
     grid = _grid_sampler(export_info, config, device) if rank == 0 and grids else None
     fid = _training_fid(config, export_info, features, process, device) if features else None
 
-    # Convolutions follow their input's memory layout, so NHWC inputs give NHWC activations throughout.
+    # NHWC inputs: convolutions follow their input's layout where their kernels allow (whether
+    # the GroupNorms keep it differs by device: measure with benchmarks/gpu_throughput.py).
     layout = torch.channels_last if config.train.channels_last else torch.contiguous_format
 
     def model_fn(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -488,9 +489,9 @@ def _full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
     """The global 2-norm of the (already all-reduced) gradients, as a tensor: inf or nan if any is not finite."""
-    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
     # _foreach_norm: one kernel for all tensors (a norm per tensor cost ~1% of a small model's step).
-    return torch.stack(torch._foreach_norm(grads)).norm() if grads else torch.zeros(())
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).norm() if grads else torch.zeros(())
 
 
 def _start_tracking(
