@@ -351,14 +351,24 @@ def test_offline_export_equals_the_live_one(trained_export, tmp_path):
     )
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_bf16_trains_on_every_zero_path(digits_latents, tmp_path, stage):
-    result = train(
-        overrides(tmp_path, digits_latents, train__max_steps=3, train__precision="bf16", train__zero_stage=stage)
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert all(np.isfinite(record["loss"]) for record in metrics(tmp_path).values())
-    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "export" / "ema.safetensors").values())
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_bf16_keeps_fp32_weights_and_resumes_bit_identically(digits_latents, tmp_path, stage):
+    """bf16 is autocast over fp32 parameters: the export (trained and EMA weights) holds fp32 values that
+    bf16 cannot represent, and a run resumed from a step-3 checkpoint follows the uninterrupted one."""
+    args = dict(train__precision="bf16", train__zero_stage=stage, checkpoint__every=3)
+    whole = train(overrides(tmp_path / "whole", digits_latents, train__max_steps=6, **args))
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    assert train(overrides(tmp_path / "split", digits_latents, train__max_steps=3, **args)).returncode == 0
+    resumed = train(overrides(tmp_path / "split", digits_latents, train__max_steps=6, **args))
+    assert resumed.returncode == 0 and "at step 3" in resumed.stderr, resumed.stderr[-3000:]
+
+    losses = [metrics(tmp_path / "whole")[s]["loss"] for s in range(1, 7)]
+    assert np.isfinite(losses).all() and [metrics(tmp_path / "split")[s]["loss"] for s in range(1, 7)] == losses
+    for name in ("model.safetensors", "ema.safetensors"):
+        weights = load_file(tmp_path / "whole" / "export" / name)
+        assert_same_tensors(load_file(tmp_path / "split" / "export" / name), weights)
+        trained = weights["input_conv.weight"]
+        assert trained.dtype == torch.float32 and not torch.equal(trained, trained.bfloat16().float()), name
 
 
 def test_ranks_fall_back_together_when_one_ranks_state_is_damaged(digits_latents, tmp_path):

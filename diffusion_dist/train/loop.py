@@ -30,7 +30,7 @@ from ..inference import Guidance, SampleGrid
 from ..models import build_classifier, build_unet
 from .checkpoint import SHARED, Checkpointer, committed_checkpoints, load_state
 from .ema import EMA
-from .engine import DTYPES, build_engine
+from .engine import build_engine, clip_gradients, input_dtype
 from .export import write_export
 from .tracking import Tracker, code_version, local_store, run_params, system_metrics, tracking_uri
 
@@ -241,7 +241,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
     num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine = build_engine(model, config, world, device)
     torch.manual_seed(rank_seed)  # dropout and other global draws differ per rank from here on
-    dtype = DTYPES[config.train.precision]
+    dtype = input_dtype(config)
     ema = EMA(engine.module, config.train.ema_decay, config.train.ema_warmup)
     checkpointer = Checkpointer(run_dir, config.checkpoint.keep, rank)
     progress = Progress()
@@ -381,7 +381,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
                 if stage_zero and micro == accumulation - 1:
                     # Without ZeRO, DeepSpeed applies non-finite gradients; they are already
                     # all-reduced here, so every rank sees the same verdict and skips together.
-                    grad_norm = _grad_norm(engine.module)
+                    grad_norm = clip_gradients(engine.module, config.train.grad_clip)
                     non_finite = not torch.isfinite(grad_norm).item()
                 if non_finite:
                     with _optimizer_step_skipped(engine):
@@ -485,13 +485,6 @@ def _full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     params = dict(module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
         return {name: p.detach().float().clone() for name, p in params.items()}
-
-
-def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
-    """The global 2-norm of the (already all-reduced) gradients, as a tensor: inf or nan if any is not finite."""
-    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
-    # _foreach_norm: one kernel for all tensors (a norm per tensor cost ~1% of a small model's step).
-    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).norm() if grads else torch.zeros(())
 
 
 def _start_tracking(
