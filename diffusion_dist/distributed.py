@@ -1,8 +1,9 @@
-"""Where this process sits in the job: rank and world size from torchrun, SLURM or neither.
+"""Where this process sits in the job, and the few collectives the rest of the code needs.
 
 torchrun and the deepspeed launcher set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT; under `srun` SLURM sets SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the node
-list, whose first host is the master. Without either, the job is one process.
+list, whose first host is the master. Without either, the job is one process. The collectives
+below work without a process group too (one process), so callers need no special case.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,78 @@ def init_process_group(process: ProcessInfo, device: torch.device) -> None:
     )
     backend = "nccl" if device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def distributed() -> bool:
+    """True when a process group of more than one rank is up."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if distributed():
+        dist.barrier()
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True on every rank if `ok` is true on every rank (a collective)."""
+    if not distributed():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    group = None if dist.get_backend() == "gloo" else cpu_group()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (a collective)."""
+    return not all_ranks_agree(not flag)
+
+
+def broadcast_from_rank0(value: T) -> T:
+    """Rank 0's picklable `value` on every rank (a collective; the others pass anything)."""
+    if not distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_in_order(value: Any) -> list[Any] | None:
+    """Every rank's picklable `value`, in rank order, on rank 0; None elsewhere (a collective)."""
+    if not distributed():
+        return [value]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over all ranks, as a new tensor (a collective)."""
+    total = tensor.clone()
+    if distributed():
+        dist.all_reduce(total)
+    return total
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's equally shaped `tensor` concatenated along dim 0 in rank order, on every rank."""
+    if not distributed():
+        return tensor.clone()
+    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(pieces, tensor)
+    return torch.cat(pieces)
+
+
+_CPU_GROUP: Any = None
+
+
+def cpu_group() -> Any:
+    """A gloo group over all ranks, for small host-side agreements without waiting on the GPU queue
+    (made at the first call, which is a collective: every rank must make it at the same point)."""
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
 
 
 def _int(env: Mapping[str, str], name: str) -> int:

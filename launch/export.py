@@ -13,9 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from diffusion_dist.export import ExportInfo, write_export
 from diffusion_dist.train.checkpoint import SHARED, committed_checkpoints, load_state, rank_file
 from diffusion_dist.train.ema import assemble
-from diffusion_dist.train.export import write_export
 
 
 def export_checkpoint(directory: Path, out: Path) -> Path:
@@ -26,7 +26,8 @@ def export_checkpoint(directory: Path, out: Path) -> Path:
         states = [load_state(rank_file(directory, r))["ema"] for r in range(ranks)]
     else:
         states = [shared["ema"]]
-    return write_export(out, assemble(layout, states), {**shared["export"], "step": shared["progress"]["step"]})
+    info = ExportInfo.from_dict(shared["export"]).replace(step=shared["progress"]["step"])
+    return write_export(out, assemble(layout, states), info)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

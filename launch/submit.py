@@ -39,7 +39,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         # torch.distributed's variables from submitit's view of the job. CUDA_VISIBLE_DEVICES stays
         # as SLURM set it: the trainer picks cuda:LOCAL_RANK among the devices it sees.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        from diffusion_dist.train.loop import REQUEUE_EXIT_CODE, PreemptionFlag
+        from diffusion_dist.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 
         from . import train
 

@@ -7,7 +7,9 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -98,6 +100,21 @@ def retry(
     raise AssertionError("unreachable")
 
 
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary local path to write; on success it replaces `path` in one rename, so readers see the
+    old file or the new one, never a partial one. On an error the temporary is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A name of its own: writers finishing at the same moment must not share a temporary.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Write `data` so that `path` never holds a partial file.
 
@@ -107,12 +124,8 @@ def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
 
     def attempt() -> None:
         if is_local(fs):
-            parent, _, name = path.rpartition("/")
-            fs.makedirs(parent, exist_ok=True)
-            # A name of its own: parts finalizing at the same moment must not share a temporary.
-            temporary = f"{parent}/.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
-            fs.pipe_file(temporary, data)
-            fs.mv(temporary, path)
+            with atomic_file(path) as temporary:
+                temporary.write_bytes(data)
         else:
             fs.pipe_file(path, data)
 

@@ -1,33 +1,53 @@
-"""Checkpoints that resume exactly: DeepSpeed state + per-rank state, a commit marker written last.
+"""Checkpoints that resume exactly: everything the next step depends on, a commit marker written last.
 
 `run.dir/checkpoints/step-<N>/` holds DeepSpeed's files (model, optimizer partitions, LR
-schedule), `shared.pt` (step, resolved config, EMA, tracking run id: what all ranks share)
-and one `rank-<r>.pt` per rank (data position, RNG states, EMA slice under ZeRO-3). Our
-files hold only tensors and plain data, so they load with weights_only=True. After every
+schedule), `shared.pt` (progress, resolved config, export record, EMA, MLflow run: what all
+ranks share) and one `rank-<r>.pt` per rank (data position, RNG states, EMA slice under ZeRO-3).
+Our files hold only tensors and plain data, so they load with weights_only=True. After every
 rank has written, rank 0 writes `COMMITTED.json` listing each file with its size. Only
 directories whose marker matches the files on disk count: a save killed midway, or a file
 damaged since, is skipped in favour of the previous one. DeepSpeed's own `latest` file is
-never written or read.
+never written or read. docs/run-directory.md describes the layout.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import pickle
+import random
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from ..config import Config, to_dict
+from ..data.storage import atomic_file
+from ..data.stream import LatentLoader
+from ..distributed import all_ranks_agree, barrier, broadcast_from_rank0
+from ..export import ExportInfo
+from .ema import EMA
+from .engine import Engine
 
 log = logging.getLogger(__name__)
-COMMIT = "COMMITTED.json"
+COMMIT, SHARED = "COMMITTED.json", "shared.pt"
 
 
-SHARED = "shared.pt"
+class TrainingAborted(RuntimeError):
+    """Training cannot go on (too many non-finite steps, a checkpoint from another model)."""
+
+
+@dataclass
+class Progress:
+    """What the step loop has done."""
+
+    step: int = 0
+    samples_seen: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
 
 
 def rank_file(directory: Path, rank: int) -> Path:
@@ -36,12 +56,6 @@ def rank_file(directory: Path, rank: int) -> Path:
 
 def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _save_atomic(state: dict[str, Any], path: Path) -> None:
-    temporary = path.with_suffix(".partial")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
 
 
 def step_of(directory: Path) -> int:
@@ -82,66 +96,163 @@ def _verify(directory: Path) -> str | None:
     return None
 
 
-class Checkpointer:
-    """Saves, finds, loads and prunes checkpoints under run.dir/checkpoints."""
+class TrainState:
+    """The state of a run, saved by `save()` and restored by `resume()` on all ranks together.
 
-    def __init__(self, run_dir: str | Path, keep: int, rank: int) -> None:
-        self.root = Path(run_dir) / "checkpoints"
-        self.keep, self.rank = keep, rank
+    Holds the progress counters and the MLflow run's record (`tracking`); reads and writes the
+    engine (weights, optimizer, LR schedule), the EMA, the data position and the RNG states.
+    """
 
-    def save(self, engine, step: int, shared: dict[str, Any], per_rank: dict[str, Any]) -> Path:
-        """Collective: every rank calls it. Returns the committed directory."""
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        ema: EMA,
+        data: LatentLoader,
+        export: ExportInfo,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        self.config, self.engine, self.ema, self.data, self.export = config, engine, ema, data, export
+        self.rank, self.world_size = rank, world_size
+        self.root = Path(config.run.dir) / "checkpoints"
+        self.progress = Progress()
+        self.tracking: dict[str, Any] | None = None  # the MLflow run (Tracker.state_dict) saved with each step
+        self.saved_step = -1  # the step of the newest checkpoint on disk for this run
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step and commit it (a collective). Returns its directory."""
+        step = self.progress.step
         directory = self.root / f"step-{step}"
         if self.rank == 0 and directory.exists():
             shutil.rmtree(directory)  # a partial save of this step from a killed run
-        dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=directory.name, save_latest=False)
+        barrier()
+        self.engine.save(directory)
         if self.rank == 0:
-            _save_atomic(shared, directory / SHARED)
-        _save_atomic(per_rank, rank_file(directory, self.rank))
-        dist.barrier()  # every rank's files are on disk before the marker says so
+            _save(self._shared_state(), directory / SHARED)
+        _save(self._rank_state(), rank_file(directory, self.rank))
+        barrier()  # every rank's files are on disk before the marker says so
         if self.rank == 0:
-            missing = [r for r in range(dist.get_world_size()) if not rank_file(directory, r).is_file()]
+            missing = [r for r in range(self.world_size) if not rank_file(directory, r).is_file()]
             if missing:
                 raise RuntimeError(f"{directory}: ranks {missing} did not write their state; not committing")
             files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
-            marker = directory / (COMMIT + ".partial")
-            marker.write_text(json.dumps({"step": step, "files": files}, indent=1))
-            os.replace(marker, directory / COMMIT)
+            with atomic_file(directory / COMMIT) as temporary:
+                temporary.write_text(json.dumps({"step": step, "files": files}, indent=1))
             self._prune()
-        dist.barrier()
+            log.info("step %d: checkpoint %s", step, directory)
+        barrier()
+        self.saved_step = step
         return directory
 
+    def resume(self, path: str | None = None, fresh: bool = False) -> bool:
+        """Load the newest committed checkpoint (or `path`) on every rank; False if there is none.
+
+        Rank 0 lists the candidates and all ranks try them in order together: ranks never continue
+        from different checkpoints, and one that any rank cannot read is skipped by all.
+        `fresh` (--no-resume) moves existing checkpoints aside instead.
+        """
+        if fresh:
+            self._set_aside()
+            return False
+        candidates = [Path(path)] if path else broadcast_from_rank0(committed_checkpoints(self.root))
+        for directory in candidates:
+            try:
+                shared = load_state(directory / SHARED)
+                per_rank = self._load_rank_state(directory)
+                ok = True
+            except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
+                log.warning("cannot read checkpoint %s (%s)", directory, e)
+                ok = False
+            if not all_ranks_agree(ok):
+                if path:
+                    raise TrainingAborted(f"checkpoint {path} cannot be read on every rank (see warnings)")
+                continue
+            if {"kind": "unet", **shared["config"]["model"]} != to_dict(self.config)["model"]:  # kind: added later
+                raise TrainingAborted(
+                    f"checkpoint {directory} was made by another model ({shared['config']['model']}); "
+                    "use a new run.dir, or --no-resume to start over"
+                )
+            self.engine.load(directory)
+            self._load(shared, per_rank)
+            if self.rank == 0:
+                log.info("resumed from %s at step %d", directory, self.progress.step)
+            return True
+        if candidates:
+            raise TrainingAborted(f"no checkpoint in {self.root} could be loaded (see warnings); --no-resume starts over")
+        return False
+
+    def _shared_state(self) -> dict[str, Any]:
+        shared = {
+            "progress": asdict(self.progress),
+            "config": to_dict(self.config),
+            "tracking": self.tracking,
+            "export": self.export.to_dict(),
+            "ema_layout": self.ema.layout(),
+        }
+        if not self.ema.partitioned:
+            shared["ema"] = self.ema.state_dict()
+        return shared
+
+    def _rank_state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "python": _python_rng_tensor(random.getstate())}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        state: dict[str, Any] = {"data": self.data.state_dict(), "rng": rng}
+        if self.ema.partitioned:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def _load(self, shared: dict[str, Any], per_rank: dict[str, Any]) -> None:
+        self.progress = Progress(**shared["progress"])
+        self.data.load_state_dict(per_rank["data"])
+        self.ema.load_state_dict(per_rank["ema"] if self.ema.partitioned else shared["ema"])
+        torch.set_rng_state(per_rank["rng"]["torch"])
+        random.setstate(_python_rng_state(per_rank["rng"]["python"]))
+        if "cuda" in per_rank["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(per_rank["rng"]["cuda"])
+        self.tracking = shared.get("tracking") or {"restarts": 0}
+        self.saved_step = self.progress.step
+
+    def _load_rank_state(self, directory: Path) -> dict[str, Any]:
+        """This rank's state in `directory` (checked to come from a job of this world size)."""
+        ranks = len(list(directory.glob("rank-*.pt")))
+        if ranks != self.world_size:
+            raise ValueError(
+                f"{directory} was saved by {ranks} ranks and this job has {self.world_size}; "
+                "resume with the same number of ranks"
+            )
+        return load_state(rank_file(directory, self.rank))
+
     def _prune(self) -> None:
-        """Keep the newest `keep` committed checkpoints (never fewer than the newest one); remove
-        uncommitted leftovers older than the newest (saves that were killed)."""
+        """Keep the newest `checkpoint.keep` committed checkpoints (never fewer than the newest one);
+        remove uncommitted leftovers older than the newest (saves that were killed)."""
         committed = committed_checkpoints(self.root)
-        for old in committed[max(1, self.keep) :]:
+        for old in committed[max(1, self.config.checkpoint.keep) :]:
             shutil.rmtree(old, ignore_errors=True)
         for leftover in self.root.glob("step-*"):
             if leftover not in committed and leftover.is_dir() and step_of(leftover) < step_of(committed[0]):
                 shutil.rmtree(leftover, ignore_errors=True)
 
-    def load_rank_state(self, directory: Path) -> dict[str, Any]:
-        """This rank's state in `directory` (checked to come from a job of this world size)."""
-        ranks = len(list(directory.glob("rank-*.pt")))
-        if ranks != dist.get_world_size():
-            raise ValueError(
-                f"{directory} was saved by {ranks} ranks and this job has {dist.get_world_size()}; "
-                "resume with the same number of ranks"
-            )
-        return load_state(rank_file(directory, self.rank))
-
-    def load_engine(self, engine, directory: Path) -> None:
-        """DeepSpeed's model, optimizer and LR-schedule state (a collective)."""
-        path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load {directory}")
-
-    def set_aside(self) -> None:
+    def _set_aside(self) -> None:
         """--no-resume: move existing checkpoints out of the way (never deleted, never pruned as newer)."""
         if self.rank == 0 and self.root.exists() and any(self.root.glob("step-*")):
             aside = self.root.with_name(f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}")
             self.root.rename(aside)
             log.warning("--no-resume: moved the previous checkpoints to %s", aside)
-        dist.barrier()
+        barrier()
+
+
+def _save(state: dict[str, Any], path: Path) -> None:
+    with atomic_file(path) as temporary:
+        torch.save(state, temporary)
+
+
+def _python_rng_tensor(state: tuple) -> dict[str, Any]:
+    """random.getstate() as tensors and ints, so the checkpoint loads with weights_only=True."""
+    version, internal, gauss = state
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _python_rng_state(saved: dict[str, Any]) -> tuple:
+    return saved["version"], tuple(int(x) for x in saved["internal"].tolist()), saved["gauss"]

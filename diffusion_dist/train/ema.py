@@ -2,41 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
-
-def _partitioned(param: nn.Parameter) -> bool:
-    """ZeRO-3 keeps only a flat slice of each parameter on each rank, in `ds_tensor`."""
-    return hasattr(param, "ds_tensor")
-
-
-def _local(param: nn.Parameter) -> torch.Tensor:
-    return param.ds_tensor if _partitioned(param) else param.data
+from ..distributed import all_gather_cat
 
 
 class EMA:
     """θ_ema ← d·θ_ema + (1 − d)·θ after every optimizer step, kept in float32.
 
-    Under ZeRO-3 each rank averages only its own slice of every parameter, so the EMA costs
-    4 bytes per parameter divided by the world size, like the optimizer state; full weights
-    are gathered only for export. With warmup, d = min(decay, (1 + n) / (10 + n)) after n
-    updates, so early weights are not frozen into the average.
+    `parameters` returns (name, tensor this rank holds, full shape) per parameter, as
+    Engine.local_parameters does: whole parameters, or under ZeRO-3 (`partitioned`) this rank's
+    flat slice of each (asked anew at each update: DeepSpeed may replace the tensors).
+    Each rank then averages only its slices, so the EMA costs 4 bytes per parameter divided by
+    the world size, like the optimizer state; full weights are gathered only for export. With
+    warmup, d = min(decay, (1 + n) / (10 + n)) after n updates, so early weights are not frozen
+    into the average.
     """
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
-        self.names = [name for name, _ in model.named_parameters()]
-        self.params = [p for _, p in model.named_parameters()]
-        self.decay, self.warmup = decay, warmup
+    def __init__(
+        self,
+        parameters: Callable[[], list[tuple[str, torch.Tensor, torch.Size]]],
+        decay: float,
+        warmup: bool = True,
+        partitioned: bool = False,
+    ) -> None:
+        self.parameters = parameters
+        current = parameters()
+        self.names = [name for name, _, _ in current]
+        self.shapes = [torch.Size(shape) for _, _, shape in current]
+        self.decay, self.warmup, self.partitioned = decay, warmup, partitioned
         self.updates = 0
-        self.shadow = [_local(p).detach().float().clone() for p in self.params]
-
-    @property
-    def partitioned(self) -> bool:
-        return any(_partitioned(p) for p in self.params)
+        self.shadow = [tensor.detach().float().clone() for _, tensor, _ in current]
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -46,7 +45,7 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         weight = 1.0 - self.current_decay()
-        torch._foreach_lerp_(self.shadow, [_local(p).float() for p in self.params], weight)
+        torch._foreach_lerp_(self.shadow, [tensor.float() for _, tensor, _ in self.parameters()], weight)
         self.updates += 1
 
     @torch.no_grad()
@@ -54,17 +53,14 @@ class EMA:
         """Name -> full fp32 tensor on every rank (gathers the slices under ZeRO-3; a collective)."""
         if not self.partitioned:
             return {name: t.clone() for name, t in zip(self.names, self.shadow, strict=True)}
-        full = {}
-        for name, param, local in zip(self.names, self.params, self.shadow, strict=True):
-            pieces = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-            dist.all_gather(pieces, local)
-            full[name] = torch.cat(pieces)[: param.ds_numel].view(param.ds_shape).clone()
-        return full
+        return {
+            name: all_gather_cat(local)[: shape.numel()].view(shape).clone()
+            for name, local, shape in zip(self.names, self.shadow, self.shapes, strict=True)
+        }
 
     def layout(self) -> dict[str, Any]:
         """Names and full shapes, to reassemble the slices of every rank offline (launch.export)."""
-        shapes = [list(p.ds_shape) if _partitioned(p) else list(p.shape) for p in self.params]
-        return {"names": self.names, "shapes": shapes, "partitioned": self.partitioned}
+        return {"names": self.names, "shapes": [list(s) for s in self.shapes], "partitioned": self.partitioned}
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's share: every slice under ZeRO-3, else the whole (identical on all ranks)."""

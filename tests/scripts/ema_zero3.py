@@ -5,16 +5,18 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from diffusion_dist.config import load_config
 from diffusion_dist.models import build_unet
 from diffusion_dist.train.ema import EMA
+from diffusion_dist.train.engine import Engine
 
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 rank = dist.get_rank()
 torch.manual_seed(0)
 model = build_unet("UNet-T", 4, 10, learn_sigma=True)
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "steps_per_print": 2**62}
-engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+settings = ["train.zero_stage=3", "train.micro_batch_size=2", "train.global_batch_size=4", "train.lr=1e-2"]
+config = load_config(None, [*settings, "train.precision=fp32", "train.grad_clip=0"], world_size=2)
+engine = Engine(model, config, world_size=2, device=torch.device("cpu"))
 assert all(hasattr(p, "ds_tensor") for p in engine.module.parameters()), "parameters should be partitioned"
 
 
@@ -24,14 +26,14 @@ def gathered() -> dict[str, torch.Tensor]:
         return {name: p.detach().float().clone() for name, p in params.items()}
 
 
-ema = EMA(engine.module, decay=0.9, warmup=True)
+ema = EMA(engine.local_parameters, decay=0.9, warmup=True, partitioned=engine.partitioned)
 reference = gathered()
 generator = torch.Generator().manual_seed(rank)
 for step in range(6):
     z = torch.randn(2, 4, 8, 8, generator=generator)
     t, labels = torch.randint(0, 1000, (2,), generator=generator), torch.randint(0, 11, (2,), generator=generator)
     engine.backward(engine(z, t, labels).square().mean())
-    engine.step()
+    assert engine.step().applied
     decay = min(0.9, (1 + step) / (10 + step))
     ema.update()
     for name, weight in gathered().items():
