@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+# Names of the floating-point formats, for train.precision and encode_latents --precision alike.
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

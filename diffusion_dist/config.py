@@ -18,10 +18,10 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from .codecs import PRECISIONS
 from .diffusion import SAMPLERS, SCHEDULES, VARIANCES
 from .models import MODEL_KINDS, UNET_SIZES
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -70,7 +70,7 @@ class TrainConfig:
     max_steps: int = 400_000  # optimizer steps
     global_batch_size: int = 256  # samples per optimizer step over all ranks
     micro_batch_size: int = 32  # samples per forward per rank; accumulation fills the rest
-    precision: str = "bf16"  # fp32 | bf16 | fp16 (dynamic loss scaling)
+    precision: str = "bf16"  # fp32 | bf16 (autocast over fp32 parameters) | fp16 (fp16 weights, dynamic loss scaling)
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0–3
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -222,7 +222,7 @@ def validate(config: Config, world_size: int = 1) -> None:
         f"micro_batch_size × world size ({train.micro_batch_size} × {world_size}) must divide "
         f"train.global_batch_size={train.global_batch_size}; change one of them",
     )
-    choice("train.precision", PRECISIONS)
+    choice("train.precision", list(PRECISIONS))
     choice("train.zero_stage", (0, 1, 2, 3))
     check(
         not (train.precision == "fp16" and train.zero_stage == 0),

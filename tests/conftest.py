@@ -60,6 +60,22 @@ def _deterministic_torch():
     torch.use_deterministic_algorithms(False)
 
 
+@pytest.fixture
+def single_rank_group(monkeypatch):
+    """A gloo process group of one rank in the test process (made once), for in-process DeepSpeed
+    engines. The variables DeepSpeed reads are set for the test only: subprocesses started by other
+    tests (torchrun, SLURM) must not inherit RANK=0."""
+    import torch.distributed as dist
+
+    from diffusion_dist.distributed import ProcessInfo, init_process_group
+
+    port = free_port()
+    for name, value in dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+        monkeypatch.setenv(name, str(value))
+    if not dist.is_initialized():
+        init_process_group(ProcessInfo(0, 1, 0, "127.0.0.1", port, "single"), torch.device("cpu"))
+
+
 @dataclass
 class S3:
     endpoint: str

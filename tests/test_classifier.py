@@ -22,6 +22,8 @@ from tests.conftest import ROOT
 from tests.fid_features import SPEC, DigitFeatures, digit_images
 from tests.test_train import ENV, overrides, train
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 @pytest.fixture(scope="module")
 def classifier_run(digits_latents, tmp_path_factory) -> Path:

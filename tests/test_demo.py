@@ -5,9 +5,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def test_demo_trains_recognisable_digits(tmp_path):

@@ -24,6 +24,8 @@ from tests.conftest import ROOT, free_port
 from tests.fid_features import SPEC
 from tests.test_train import ENV, overrides, train
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 EVAL_SETTINGS = {"num_samples": 200, "cfg_scale": 1.5, "sample_steps": 10, "sampler": "ddim", "batch_size": 64}
 
 

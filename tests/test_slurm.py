@@ -18,6 +18,8 @@ from tests.conftest import ROOT, require_service
 from tests.test_tracking import experiment_runs, metric_steps, wait_until
 from tests.test_train import ENV, metrics, overrides
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # 2 nodes x 1 CPU task; sbatch's #SBATCH GPU defaults do not fit the test cluster.
 CPU_JOB = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=30"]

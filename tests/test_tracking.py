@@ -19,6 +19,8 @@ from diffusion_dist.train.tracking import Tracker, run_params
 from tests.conftest import CANARY_KEY_ID, CANARY_SECRET, ROOT, MlflowServer, free_port
 from tests.test_train import kill_tree, metrics, overrides, start, train, wait_for_step
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 CANARY_PASSWORD = "canary-mlflow-password-7d2e"
 
 

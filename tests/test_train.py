@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from tests.conftest import ROOT, free_port
 from tests.latent_data import write_dataset
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -1,0 +1,98 @@
+"""Checkpoints in-process on one rank: which directories count as committed, and a TrainState save ->
+resume round trip that restores everything the next step depends on. (Resume after kill -9 on 2 ranks,
+ZeRO 2 and 3, is in tests/test_train.py.)"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_dist.config import load_config
+from diffusion_dist.data.stream import LatentLoader
+from diffusion_dist.export import ExportInfo
+from diffusion_dist.objectives import OBJECTIVES
+from diffusion_dist.train.checkpoint import COMMIT, TrainingAborted, TrainState, committed_checkpoints
+from diffusion_dist.train.ema import EMA
+from diffusion_dist.train.engine import Engine
+from tests.latent_data import write_dataset
+
+
+def fake_checkpoint(root: Path, step: int, files: dict[str, bytes], marker: dict[str, int] | None) -> Path:
+    directory = root / f"step-{step}"
+    directory.mkdir(parents=True)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    if marker is not None:
+        (directory / COMMIT).write_text(json.dumps({"step": step, "files": marker}))
+    return directory
+
+
+def test_committed_checkpoints_are_newest_first_and_complete(tmp_path):
+    good = {"a.pt": b"1234", "b.pt": b"56"}
+    sizes = {"a.pt": 4, "b.pt": 2}
+    fake_checkpoint(tmp_path, 5, good, sizes)
+    fake_checkpoint(tmp_path, 40, good, sizes)
+    fake_checkpoint(tmp_path, 100, good, None)  # killed before the marker
+    fake_checkpoint(tmp_path, 90, {"a.pt": b"12"}, sizes)  # a.pt truncated, b.pt missing
+    fake_checkpoint(tmp_path, 80, good, {**sizes, "c.pt": 1})  # a file gone since
+    (tmp_path / "step-x").mkdir()  # not a step
+    assert [p.name for p in committed_checkpoints(tmp_path)] == ["step-40", "step-5"]
+
+
+def config_of(run_dir: Path, data: Path, *overrides: str):
+    settings = [f"run.dir={run_dir}", f"data.url={data}", "data.num_workers=0", "model.size=UNet-T"]
+    settings += ["model.num_classes=5", "train.micro_batch_size=4", "train.global_batch_size=4", "train.zero_stage=2"]
+    settings += ["train.precision=fp32", "diffusion.num_timesteps=50", "diffusion.sample_steps=10", "checkpoint.keep=2"]
+    return load_config(None, [*settings, *overrides])
+
+
+class Run:
+    """The objects train() builds, stepped by hand."""
+
+    def __init__(self, config) -> None:
+        torch.manual_seed(0)
+        self.data = LatentLoader(config.data.url, batch_size=4, null_label=5, num_workers=0, seed=config.run.seed)
+        self.objective = OBJECTIVES["unet"].from_config(config)
+        model = self.objective.build("UNet-T", 4, 5, learn_sigma=True)
+        self.engine = Engine(model, config, 1, torch.device("cpu"))
+        self.ema = EMA(self.engine.local_parameters, 0.9, partitioned=self.engine.partitioned)
+        export = ExportInfo.from_config(config, self.data.manifest, self.data.latent_shape)
+        self.state = TrainState(config, self.engine, self.ema, self.data, export, rank=0, world_size=1)
+        self.batches = iter(self.data)
+
+    def step(self) -> float:
+        batch = next(self.batches)
+        terms = self.objective.loss(self.engine, batch.latents, batch.labels, torch.Generator().manual_seed(batch.seed))
+        self.engine.backward(self.objective.total(terms))
+        assert self.engine.step().applied
+        self.ema.update()
+        self.state.progress.step += 1
+        return terms["loss"].mean().item()
+
+
+@pytest.mark.usefixtures("single_rank_group")
+def test_resume_restores_what_the_next_step_depends_on(tmp_path):
+    write_dataset(str(tmp_path / "data"), [12, 12], shape=(4, 8, 8))
+    config = config_of(tmp_path / "run", tmp_path / "data")
+    first = Run(config)
+    first.step(), first.step()
+    first.state.tracking = {"run_id": "abc", "run_key": "k", "restarts": 0}
+    first.state.save()
+    random.random(), torch.rand(3)  # draws after the save must not leak into the resumed run
+    continued = [first.step(), first.step()]
+    weights = {k: v.clone() for k, v in first.engine.module.state_dict().items()}
+
+    second = Run(config)
+    assert second.state.resume()
+    assert second.state.progress.step == 2 and second.state.tracking["run_id"] == "abc"
+    assert [second.step(), second.step()] == continued  # the same batches, draws and weights
+    assert all(torch.equal(weights[k], v) for k, v in second.engine.module.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(first.ema.shadow, second.ema.shadow, strict=True))
+
+    other = config_of(tmp_path / "run", tmp_path / "data", "model.dropout=0.1")
+    with pytest.raises(TrainingAborted, match="was made by another model"):
+        Run(other).state.resume()
