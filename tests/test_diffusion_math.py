@@ -55,8 +55,32 @@ def test_space_timesteps():
     assert len(steps) == 250 and steps[0] == 0 and steps[-1] == 999 and steps == sorted(set(steps))
     assert space_timesteps(300, "10,15,20")[:10] == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
     assert len(space_timesteps(300, "10,15,20")) == 45
-    with pytest.raises(ValueError, match="ddim spacing"):
-        space_timesteps(1000, "ddim30")
+
+
+def improved_diffusion_ddim_stride(num_timesteps: int, count: int) -> int | None:
+    """improved-diffusion's rule for "ddimN": the first stride 1, 2, ... whose range(0, T, stride) has N steps."""
+    for stride in range(1, num_timesteps):
+        if len(range(0, num_timesteps, stride)) == count:
+            return stride
+    return None
+
+
+def test_ddim_spacing_takes_the_smallest_stride_with_exactly_n_steps():
+    """ddim30 of T = 1000 is 0, 34, ..., 986 (stride 33 would give 31 steps), as in improved-diffusion."""
+    assert space_timesteps(1000, "ddim30") == list(range(0, 1000, 34))
+    for num_timesteps in (1000, 250, 97):
+        for count in range(2, num_timesteps + 1):
+            stride = improved_diffusion_ddim_stride(num_timesteps, count)
+            if stride is None:
+                with pytest.raises(ValueError, match=f"no integer stride gives exactly {count} of"):
+                    space_timesteps(num_timesteps, f"ddim{count}")
+            else:
+                assert space_timesteps(num_timesteps, f"ddim{count}") == list(range(0, num_timesteps, stride))
+    # One step is stride T (improved-diffusion's loop stops one stride short of it); 0 and > T steps have none.
+    assert space_timesteps(1000, "ddim1") == [0]
+    for count in (0, 999, 1001):
+        with pytest.raises(ValueError, match="ddim spacing: no integer stride"):
+            space_timesteps(1000, f"ddim{count}")
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
