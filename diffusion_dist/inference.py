@@ -1,7 +1,8 @@
 """From an export to images: guided sampling in latent space, then decoding with the dataset's codec.
 
 Guidance: classifier-free (the model's own ∅ prediction), classifier guidance with a noisy-latent
-classifier export, or both; any of them with DDPM or DDIM.
+classifier export, or both; any of them with DDPM or DDIM. The classifier-free scale is the seed's
+w of ε̃ = (1 + w)·ε_θ(c) − w·ε_θ(∅); DiT, GLIDE and diffusers write s = 1 + w.
 """
 
 from __future__ import annotations
@@ -12,15 +13,8 @@ import numpy as np
 import torch
 
 from .codecs import Codec, codec_from_manifest, from_model_space, x0_clip
-from .diffusion import (
-    GaussianDiffusion,
-    classifier_free_guidance,
-    classifier_grad,
-    classifier_guidance,
-    conditional,
-    generate,
-)
-from .diffusion.sampling import ModelFn
+from .diffusion import GaussianDiffusion, classifier_free_guidance, classifier_grad, conditional, generate
+from .diffusion.sampling import GradLogProb, ModelFn
 from .models import NoisyClassifier, UNet, build_classifier, build_unet
 
 
@@ -51,11 +45,21 @@ def sampling_copy(info: dict[str, Any], device: str | torch.device) -> tuple[UNe
 
 
 class Guidance(NamedTuple):
-    """How to steer sampling: classifier-free scale w, and optionally a noisy classifier with scale s."""
+    """How to steer sampling: classifier-free scale w, and optionally a noisy classifier with scale s.
+
+    w is the seed's: ε̃ = (1 + w)·ε_θ(z_t, c) − w·ε_θ(z_t, ∅), so w = 0 is the plain conditional model;
+    DiT's, GLIDE's and diffusers' guidance scale is 1 + w (their 1.5 is w = 0.5).
+    """
 
     cfg_scale: float = 0.0
     classifier: NoisyClassifier | None = None
     classifier_scale: float = 0.0
+
+    def grad_log_prob(self, labels: torch.Tensor) -> GradLogProb | None:
+        """∇ log p_φ(c | z_t) of the classifier for `labels`; None without classifier guidance (s = 0)."""
+        if self.classifier is None or self.classifier_scale <= 0:
+            return None
+        return classifier_grad(self.classifier, labels)
 
 
 def check_classifier(info: dict[str, Any], classifier_info: dict[str, Any]) -> None:
@@ -77,20 +81,16 @@ def check_classifier(info: dict[str, Any], classifier_info: dict[str, Any]) -> N
         )
 
 
-def guided_model_fn(model: UNet, diffusion: GaussianDiffusion, labels: torch.Tensor, guidance: Guidance) -> ModelFn:
-    """ε̃ for `labels`: classifier-free guidance (w > 0, conditional models) and classifier guidance (s > 0).
+def guided_model_fn(model: UNet, labels: torch.Tensor, guidance: Guidance) -> ModelFn:
+    """ε̃ for `labels`: classifier-free guidance with w = guidance.cfg_scale (conditional models, w > 0).
 
-    An unconditional model (num_classes = 0) is called with ∅; the labels then only steer the classifier.
+    An unconditional model (num_classes = 0) is called with ∅. Classifier guidance is the sampler's
+    (it moves DDPM's mean, DDIM's ε): pass it guidance.grad_log_prob(labels) and guidance.classifier_scale.
     """
     model_labels = labels if model.num_classes else torch.full_like(labels, model.null_label)
     if guidance.cfg_scale > 0 and model.num_classes:
-        model_fn = classifier_free_guidance(model, model_labels, model.null_label, guidance.cfg_scale)
-    else:
-        model_fn = conditional(model, model_labels)
-    if guidance.classifier is not None and guidance.classifier_scale > 0:
-        grad = classifier_grad(guidance.classifier, labels)
-        model_fn = classifier_guidance(model_fn, grad, diffusion.alphas_cumprod, guidance.classifier_scale)
-    return model_fn
+        return classifier_free_guidance(model, model_labels, model.null_label, guidance.cfg_scale)
+    return conditional(model, model_labels)
 
 
 class SampleGrid:
@@ -164,9 +164,8 @@ def generate_images(
     images = []
     for start in range(0, len(labels), batch_size):
         chunk = torch.tensor(labels[start : start + batch_size], device=device)
-        model_fn = guided_model_fn(model, diffusion, chunk, guidance)
         latents = generate(
-            model_fn,
+            guided_model_fn(model, chunk, guidance),
             chain,
             (len(chunk), *shape),
             seed=seed + start,
@@ -174,6 +173,8 @@ def generate_images(
             device=device,
             progress=progress,
             clip_x0=x0_clip(info["codec"]),
+            grad_log_prob=guidance.grad_log_prob(chunk),
+            classifier_scale=guidance.classifier_scale,
         )
         decoded = codec.decode(from_model_space(latents, info["codec"]))  # (B, 3, H, W) uint8
         images.append(decoded.permute(0, 2, 3, 1).cpu().numpy())

@@ -88,9 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     minutes = (time.perf_counter() - started) / 60
     tracking = os.environ.get("MLFLOW_TRACKING_URI")
+    plots = ", ".join(p.name for p in sorted((run_dir / "plots").glob("*.png"))) or "none written"
     print(
         f"\ndemo done in {minutes:.1f} min\n"
-        f"  samples (rows = digits 0-9): {run_dir / 'samples.png'}; during training: {run_dir / 'samples'}\n"
+        f"  sample grid (a labelled row per digit 0-9, 8 px enlarged to 64): {run_dir / 'samples.png'}\n"
+        f"  raw samples (uint8 NHWC, labels): {run_dir / 'samples.npz'}; training grids: {run_dir / 'samples'}\n"
+        f"  training curves: {run_dir / 'plots'} ({plots})\n"
         f"  export (EMA safetensors + config): {run_dir / 'export'}\n"
         f"  metrics: {run_dir / 'metrics.jsonl'}; checkpoints: {run_dir / 'checkpoints'}\n"
         f"  MLflow (experiment 'demo'): "

@@ -4,7 +4,8 @@
        [--download-weights] [--out DIR] [--tracking-uri URI | --no-tracking]
 
 FID (and Inception Score where the feature network has logits) of an export's samples, for
-each classifier-free guidance scale w, against REF: an .npz of reference statistics (mu,
+each classifier-free guidance scale w of ε̃ = (1 + w)·ε_c − w·ε_∅ (DiT's, GLIDE's and diffusers'
+scale is s = 1 + w: their 1.5 is w = 0.5), against REF: an .npz of reference statistics (mu,
 sigma), a latent dataset URL (its first --reference-samples samples, decoded with its codec),
 or an image folder (center-cropped and resized to the samples' resolution). Runs as one
 process, or under torchrun / srun with the samples split over the ranks (the same samples
@@ -51,13 +52,21 @@ from diffusion_dist.inference import Guidance
 from launch.sample import add_guidance_arguments, load_models
 
 log = logging.getLogger("launch.evaluate")
+# What the report's cfg_scale means: the seed's w, not DiT's, GLIDE's or diffusers' s.
+CFG_CONVENTION = "w of ε̃ = (1 + w)·ε_c − w·ε_∅; DiT's, GLIDE's and diffusers' guidance scale is s = 1 + w"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m launch.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("export", help="an export folder, or a run directory holding export/")
     parser.add_argument("--num-samples", type=int, required=True, help="samples per guidance scale (50000 in papers)")
-    parser.add_argument("--cfg-scale", type=scales, default=None, help="w, or a comma-separated sweep: 0,1,1.5,2")
+    parser.add_argument(
+        "--cfg-scale",
+        type=scales,
+        default=None,
+        help="w of ε̃ = (1 + w)·ε_c − w·ε_∅ (DiT's/diffusers' s = 1 + w), or a comma-separated sweep: "
+        "0,0.5,1,3 (default: the export's diffusion.guidance_scale)",
+    )
     parser.add_argument("--reference", required=True, help="statistics .npz, latent dataset URL, or image folder")
     parser.add_argument("--reference-samples", type=int, default=50_000, help="samples of a dataset or folder")
     parser.add_argument("--save-reference-stats", default=None, help="write the reference statistics to this .npz")
@@ -237,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = {"cfg_scale": scale, **scores(gathered, reference_stats)}
             result["seconds"] = time.perf_counter() - started
             results.append(result)
-            log.info("w = %g: FID %.3f (%.0f s)", scale, result["fid"], result["seconds"])
+            log.info("w = %g (s = 1 + w = %g): FID %.3f (%.0f s)", scale, 1 + scale, result["fid"], result["seconds"])
     if rank == 0:
         report = {
             "export": str(Path(args.export).resolve()),
@@ -250,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "world_size": world,
             "classifier": str(Path(args.classifier).resolve()) if args.classifier else None,
             "classifier_scale": args.classifier_scale if args.classifier else None,
+            "cfg_scale_convention": CFG_CONVENTION,
             "feature_extractor": features.name,
             "reference": {"source": redact_url(args.reference), "kind": reference.kind, "num_samples": reference_count},
             "results": results,
@@ -295,7 +305,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         for w, r in zip(ws, results, strict=True):
             label = axis.annotate(f"{r['fid']:.2f}", (w, r["fid"]), textcoords="offset points", xytext=(0, 6))
             label.set(ha="center", gid=f"fid-w{w:g}")  # the SVG group id: the report's number can be found
-        axis.set(xlabel="classifier-free guidance scale w", ylabel="FID (lower is better)")
+        axis.set(xlabel="classifier-free guidance scale w (DiT's s = 1 + w)", ylabel="FID (lower is better)")
         axis.margins(x=0.1, y=0.15)  # room for the labels
         handles = axis.get_lines()
         if "inception_score" in results[0]:
@@ -361,7 +371,8 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
     for r in report["results"]:
         inception = f"{r['inception_score']:8.2f}" if "inception_score" in r else f"{'-':>8}"
         print(f"{r['cfg_scale']:6g} {r['fid']:10.3f} {inception}")
-    print(f"best: w = {report['best']['cfg_scale']:g}, FID {report['best']['fid']:.3f}; report in {out}")
+    best, s = report["best"], 1 + report["best"]["cfg_scale"]
+    print(f"best: w = {best['cfg_scale']:g} (s = 1 + w = {s:g}), FID {best['fid']:.3f}; report in {out}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Writes FILE.png, an image grid with one row per class, and FILE.npz with the dec
 (uint8, NHWC) and their labels. Latents are decoded with the codec recorded at encoding.
 Guidance: classifier-free (--cfg-scale, conditional models), classifier guidance with a
 noisy-latent classifier trained with model.kind=classifier (--classifier, --classifier-scale),
-or both; an unconditional model needs the classifier to follow --classes.
+or both; an unconditional model needs the classifier to follow --classes. --cfg-scale is w of
+ε̃ = (1 + w)·ε_c − w·ε_∅ (w = 0: no guidance); DiT, GLIDE and diffusers write s = 1 + w, so
+their 1.5 is --cfg-scale 0.5.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from diffusion_dist.train.export import load_export
 
 def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier", default=None, help="a noisy-latent classifier export for classifier guidance")
-    parser.add_argument("--classifier-scale", type=float, default=1.0, help="s of classifier guidance")
+    parser.add_argument(
+        "--classifier-scale",
+        type=float,
+        default=1.0,
+        help="s of classifier guidance (ADM's): DDPM moves the mean by s·Σ·∇log p(c | z_t), DDIM moves ε by "
+        "−s·sqrt(1 − ᾱ_t)·∇log p(c | z_t)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (respaced chain)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -64,7 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("export", help="an export folder, or a run directory holding export/")
     parser.add_argument("--classes", default=None, help="comma-separated class ids (default: all)")
     parser.add_argument("--per-class", type=int, default=8)
-    parser.add_argument("--cfg-scale", type=float, default=None, help="w of classifier-free guidance")
+    parser.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="w of classifier-free guidance, ε̃ = (1 + w)·ε_c − w·ε_∅; DiT's/diffusers' scale is s = 1 + w "
+        "(default: the export's diffusion.guidance_scale)",
+    )
     parser.add_argument("--out", default="samples", help="output path without extension")
     add_guidance_arguments(parser)
     args = parser.parse_args(argv)

@@ -107,8 +107,12 @@ def test_classifier_guidance_steers_an_unconditional_model(
     classifier_run, unconditional_run, digit_weights, sampler, tmp_path
 ):
     """Samples of an unconditional model are any digit; guided by the classifier they are, by an
-    independent judge (a digit classifier on clean images), mostly the digit asked for, more so as s
-    grows (seen: s = 0, 4, 16 give 11%, 64%, 78% with DDPM; 11%, 47%, 71% with DDIM)."""
+    independent judge (a digit classifier on clean images), far more often the digit asked for, and
+    with DDPM more so as s grows (seen: s = 0, 4, 16 give 8%, 64%, 81% with DDPM; 11%, 43%, 44% with
+    DDIM). DDIM's share stops growing: on the demo's cosine chain (ᾱ_T ≈ 2e-9) its first step moves
+    the guided x̂_0, which is not clipped again (guided-diffusion's condition_score), by about
+    s·∇/sqrt(ᾱ_T), and the samples saturate whatever s >= 1. Before issue 16 the shift came before
+    the clip, which bounded it (11%, 47%, 71%)."""
     judge = DigitFeatures("judge", ["logits"], feature_extractor_weights_path=str(digit_weights)).eval()
     hits = {}
     for scale in (0.0, 4.0, 16.0):
@@ -124,8 +128,9 @@ def test_classifier_guidance_steers_an_unconditional_model(
             predicted = judge(images)[0].argmax(dim=1)
         hits[scale] = (predicted == torch.from_numpy(saved["labels"])).float().mean().item()
     assert hits[0.0] < 0.3, hits  # unguided: about 1 in 10 by chance
-    assert hits[0.0] < hits[4.0] < hits[16.0], hits  # more so as s grows
-    assert hits[16.0] > 0.6, hits
+    assert hits[4.0] > hits[0.0] + 0.2 and hits[16.0] > hits[0.0] + 0.2, hits
+    if sampler == "ddpm":
+        assert hits[4.0] < hits[16.0] and hits[16.0] > 0.6, hits  # more so as s grows
 
 
 def test_evaluate_an_unconditional_model_with_and_without_classifier_guidance(

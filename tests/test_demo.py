@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffusion_dist.pictures import grid_image, grid_layout, row_labels
 from tests.conftest import ROOT
+from tests.test_pictures import cells
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -41,9 +43,18 @@ def test_demo_trains_recognisable_digits(tmp_path):
     assert samples["images"].shape == (80, 8, 8, 3)
     score = accuracy(samples["images"], samples["labels"])
     assert score >= 0.8, f"only {score:.0%} of generated digits are classified as their conditioning class"
+    # The grid shows those samples, 8 px enlarged to 64, a row per digit labelled with it (issue 19).
+    labels = row_labels(range(10), [str(d) for d in range(10)])
+    grid = np.asarray(Image.open(tmp_path / "samples.png").convert("RGB"))
+    assert np.array_equal(grid, grid_image(samples["images"], rows=10, labels=labels))
 
-    # The local MLflow store: one finished run, the loss every 20 steps, a sample grid every 500
-    # whose last one (rows = digits 0-9, 8 columns) shows the digits as well.
+    # Training curves as pictures, named at the end.
+    plots = ["loss.png", "loss_by_timestep.png"]
+    assert all((tmp_path / "plots" / name).exists() for name in plots)
+    assert f"training curves: {tmp_path / 'plots'} ({', '.join(plots)})" in result.stdout
+
+    # The local MLflow store: one finished run, the loss every 20 steps, the plots, a sample grid every
+    # 500 whose last one (rows = digits 0-9, 8 columns) shows the digits as well.
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
@@ -54,7 +65,8 @@ def test_demo_trains_recognisable_digits(tmp_path):
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(20, 2001, 20))
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
     assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == [500, 1000, 1500, 2000]
+    assert {"plots/" + name for name in plots} <= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     grid = np.asarray(Image.open(tmp_path / "samples" / "step-0002000.png").convert("RGB"))
-    tiles = grid.reshape(10, 8, 8, 8, 3).swapaxes(1, 2).reshape(80, 8, 8, 3)
+    tiles = cells(grid, grid_layout(80, 8, 8, rows=10, labels=labels), 80)
     score = accuracy(tiles, np.repeat(np.arange(10), 8))
     assert score >= 0.8, f"only {score:.0%} of the last training grid's digits are classified as their row"

@@ -4,7 +4,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from diffusion_dist.diffusion import SCHEDULES, GaussianDiffusion, ddim_step, ddpm_step, get_betas
+from diffusion_dist.diffusion import (
+    SCHEDULES,
+    GaussianDiffusion,
+    condition_mean,
+    condition_score,
+    ddim_step,
+    ddpm_step,
+    get_betas,
+)
 
 SHAPE = (3, 4, 8, 8)
 TIMESTEPS = [1, 10, 250, 500, 999]
@@ -127,6 +135,51 @@ def test_ddim_step(schedule, eta):
         t = int(respaced.timesteps[i])
         expected = scheduler.step(eps, t, z_t, eta=eta, variance_noise=noise).prev_sample
         pred = respaced.p_mean_variance(eps, z_t, batch_t(i))
+        ours = ddim_step(respaced, pred, batch_t(i), eta, noise if eta > 0 else None)
+        torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
+def test_classifier_guided_ddpm_step_moves_diffusers_mean_by_s_sigma_grad(variance):
+    """Algorithm 1 of Dhariwal & Nichol (2021) on a respaced chain: diffusers' step plus s·Σ·g, Σ its
+    variance at that step (for learned_range diffusers returns log Σ)."""
+    betas = get_betas("linear", 1000)
+    scheduler = ddpm_scheduler(betas, variance)
+    scheduler.set_timesteps(50)
+    respaced = GaussianDiffusion(betas, variance).respaced("ddim50")
+    eps, z_t = inputs(11)
+    grad = torch.randn(SHAPE, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    v = torch.rand(SHAPE, generator=torch.Generator().manual_seed(13), dtype=torch.float64) * 2 - 1
+    output = torch.cat([eps, v], dim=1) if variance == "learned_range" else eps
+    for i in (49, 10, 1):
+        t = int(respaced.timesteps[i])
+        generator, noise = diffusers_noise(14 + i, SHAPE)
+        unguided = scheduler.step(output, t, z_t, generator=generator).prev_sample
+        sigma2 = scheduler._get_variance(t, predicted_variance=v)
+        sigma2 = sigma2.exp() if variance == "learned_range" else sigma2
+        pred = respaced.p_mean_variance(output, z_t, batch_t(i))
+        ours = ddpm_step(condition_mean(respaced, pred, z_t, batch_t(i), grad, 2.0), noise)
+        torch.testing.assert_close(ours, unguided + 2.0 * sigma2 * grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_classifier_guided_ddim_step_is_diffusers_step_of_the_shifted_eps(eta):
+    """Algorithm 2 of Dhariwal & Nichol (2021): diffusers' DDIM step given ε − s·sqrt(1 − ᾱ_t)·g."""
+    betas = get_betas("cosine", 1000)
+    scheduler = in_float64(
+        DDIMScheduler(num_train_timesteps=1000, trained_betas=betas.numpy(), clip_sample=False, set_alpha_to_one=True),
+        betas,
+    )
+    scheduler.set_timesteps(50)
+    respaced = GaussianDiffusion(betas).respaced("ddim50")
+    eps, z_t = inputs(15)
+    grad = torch.randn(SHAPE, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
+    for i in (49, 25, 1):
+        t = int(respaced.timesteps[i])
+        shifted = eps - 2.0 * (1 - scheduler.alphas_cumprod[t]).sqrt() * grad
+        expected = scheduler.step(shifted, t, z_t, eta=eta, variance_noise=noise).prev_sample
+        pred = condition_score(respaced, respaced.p_mean_variance(eps, z_t, batch_t(i)), z_t, batch_t(i), grad, 2.0)
         ours = ddim_step(respaced, pred, batch_t(i), eta, noise if eta > 0 else None)
         torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
 

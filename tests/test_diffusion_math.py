@@ -10,7 +10,8 @@ from diffusion_dist.diffusion import (
     GaussianDiffusion,
     classifier_free_guidance,
     classifier_grad,
-    classifier_guidance,
+    condition_mean,
+    condition_score,
     diffusion_loss,
     drop_labels,
     generate,
@@ -55,8 +56,32 @@ def test_space_timesteps():
     assert len(steps) == 250 and steps[0] == 0 and steps[-1] == 999 and steps == sorted(set(steps))
     assert space_timesteps(300, "10,15,20")[:10] == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
     assert len(space_timesteps(300, "10,15,20")) == 45
-    with pytest.raises(ValueError, match="ddim spacing"):
-        space_timesteps(1000, "ddim30")
+
+
+def improved_diffusion_ddim_stride(num_timesteps: int, count: int) -> int | None:
+    """improved-diffusion's rule for "ddimN": the first stride 1, 2, ... whose range(0, T, stride) has N steps."""
+    for stride in range(1, num_timesteps):
+        if len(range(0, num_timesteps, stride)) == count:
+            return stride
+    return None
+
+
+def test_ddim_spacing_takes_the_smallest_stride_with_exactly_n_steps():
+    """ddim30 of T = 1000 is 0, 34, ..., 986 (stride 33 would give 31 steps), as in improved-diffusion."""
+    assert space_timesteps(1000, "ddim30") == list(range(0, 1000, 34))
+    for num_timesteps in (1000, 250, 97):
+        for count in range(2, num_timesteps + 1):
+            stride = improved_diffusion_ddim_stride(num_timesteps, count)
+            if stride is None:
+                with pytest.raises(ValueError, match=f"no integer stride gives exactly {count} of"):
+                    space_timesteps(num_timesteps, f"ddim{count}")
+            else:
+                assert space_timesteps(num_timesteps, f"ddim{count}") == list(range(0, num_timesteps, stride))
+    # One step is stride T (improved-diffusion's loop stops one stride short of it); 0 and > T steps have none.
+    assert space_timesteps(1000, "ddim1") == [0]
+    for count in (0, 999, 1001):
+        with pytest.raises(ValueError, match="ddim spacing: no integer stride"):
+            space_timesteps(1000, f"ddim{count}")
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -322,12 +347,163 @@ def test_classifier_grad_of_a_linear_softmax():
     torch.testing.assert_close(classifier_grad(classifier, labels)(z, torch.zeros(3)), expected)
 
 
-def test_classifier_guidance_formula():
-    diffusion = GaussianDiffusion.from_schedule("cosine")
-    z, t = torch.randn(2, 4, 2, 2, dtype=torch.float64), torch.tensor([10, 900])
-    model_fn = lambda z, t: torch.cat([z, 2 * z], dim=1)  # noqa: E731
-    grad = torch.randn_like(z)
-    guided = classifier_guidance(model_fn, lambda z, t: grad, diffusion.alphas_cumprod, 3.0)(z, t)
-    sigma = (1 - diffusion.alphas_cumprod[t]).sqrt().reshape(-1, 1, 1, 1)
-    torch.testing.assert_close(guided[:, :4], z - 3.0 * sigma * grad)
-    torch.testing.assert_close(guided[:, 4:], 2 * z)
+# Classifier guidance (Dhariwal & Nichol 2021), checked against the paper's algorithms written out here
+# on a respaced chain, with a toy model ε(z, t), v(z) and a known gradient g(z, t) = ∇ log p(c | z_t).
+
+GUIDED_STEPS = [0, 3, 10, 40, 120, 300, 600, 999]  # training timesteps: small t is where DDPM's two shifts differ
+CENTRE = 0.5
+
+
+def toy_model_output(z, t, learn_sigma: bool):
+    """ε = 0.3 z + t/1000 and, learned, v = tanh(z): depends on the training timestep, not the chain step."""
+    eps = 0.3 * z + t.double().reshape(-1, 1) / 1000
+    return torch.cat([eps, torch.tanh(z)], dim=1) if learn_sigma else eps
+
+
+def toy_grad(z, t):
+    """∇ of log p(c | z_t) = −(1 + t/1000)·‖z − 0.5‖² / 2."""
+    return -(1 + t.double().reshape(-1, 1) / 1000) * (z - CENTRE)
+
+
+def chain_tables() -> dict[str, list[float]]:
+    """ᾱ, ᾱ_prev, α, β, Σ per chain step i, from the training betas, by the papers' formulas."""
+    alpha_bar_train = torch.cumprod(1 - get_betas("linear", 1000), 0).tolist()
+    alpha_bar = [alpha_bar_train[t] for t in GUIDED_STEPS]
+    alpha_bar_prev = [1.0] + alpha_bar[:-1]
+    alpha = [a / p for a, p in zip(alpha_bar, alpha_bar_prev, strict=True)]
+    beta = [1 - a for a in alpha]
+    posterior = [b * (1 - p) / (1 - a) for b, p, a in zip(beta, alpha_bar_prev, alpha_bar, strict=True)]
+    return {"alpha_bar": alpha_bar, "alpha_bar_prev": alpha_bar_prev, "alpha": alpha, "beta": beta,
+            "posterior": posterior}  # fmt: skip
+
+
+def step_variance(tables, i: int, variance: str, z: torch.Tensor) -> torch.Tensor:
+    """Σ of chain step i: β̃_i, β_i, or exp(v' log β_i + (1 − v') log β̃_i) (Nichol & Dhariwal 2021, Eq. 15);
+    β̃ at i = 0 is taken from i = 1 where it goes into a log or stands in for β_0 (ADM)."""
+    beta, posterior = tables["beta"][i], tables["posterior"][i]
+    if variance == "fixed_small":
+        return torch.full_like(z, posterior)
+    floor = posterior if i > 0 else tables["posterior"][1]
+    if variance == "fixed_large":
+        return torch.full_like(z, beta if i > 0 else floor)
+    frac = (torch.tanh(z) + 1) / 2
+    return torch.exp(frac * math.log(beta) + (1 - frac) * math.log(floor))
+
+
+def guided_ddpm_by_hand(z, variance, scale, clip_x0, generator):
+    """Algorithm 1: z_{t−1} ~ N(μ + s·Σ·g, Σ), μ the posterior mean at the (clipped) x̂_0."""
+    tables = chain_tables()
+    for i in range(len(GUIDED_STEPS) - 1, -1, -1):
+        t = torch.full((len(z),), GUIDED_STEPS[i])
+        eps = toy_model_output(z, t, variance == "learned_range")[:, :2]
+        a_bar, a_bar_prev = tables["alpha_bar"][i], tables["alpha_bar_prev"][i]
+        alpha, beta = tables["alpha"][i], tables["beta"][i]
+        if clip_x0 is None:  # Ho et al. 2020, Algorithm 2
+            mean = (z - beta / math.sqrt(1 - a_bar) * eps) / math.sqrt(alpha)
+        else:  # Eq. 7 at the clipped x̂_0
+            x0 = ((z - math.sqrt(1 - a_bar) * eps) / math.sqrt(a_bar)).clamp(-clip_x0, clip_x0)
+            mean = (math.sqrt(a_bar_prev) * beta * x0 + math.sqrt(alpha) * (1 - a_bar_prev) * z) / (1 - a_bar)
+        sigma2 = step_variance(tables, i, variance, z)
+        z = mean + scale * sigma2 * toy_grad(z, t)
+        if i > 0:
+            z = z + sigma2.sqrt() * torch.randn(z.shape, generator=generator, dtype=z.dtype)
+    return z
+
+
+def guided_ddim_by_hand(z, scale, clip_x0):
+    """Algorithm 2 (η = 0) after guided-diffusion's condition_score: clip x̂_0, take ε from it, shift ε by
+    −s·sqrt(1 − ᾱ_t)·g, then x̂_0 from the shifted ε, not clipped again; DDIM's Eq. 12."""
+    tables = chain_tables()
+    for i in range(len(GUIDED_STEPS) - 1, -1, -1):
+        t = torch.full((len(z),), GUIDED_STEPS[i])
+        eps = toy_model_output(z, t, False)
+        a_bar, a_bar_prev = tables["alpha_bar"][i], tables["alpha_bar_prev"][i]
+        if clip_x0 is not None:
+            x0 = ((z - math.sqrt(1 - a_bar) * eps) / math.sqrt(a_bar)).clamp(-clip_x0, clip_x0)
+            eps = (z - math.sqrt(a_bar) * x0) / math.sqrt(1 - a_bar)
+        eps = eps - scale * math.sqrt(1 - a_bar) * toy_grad(z, t)
+        x0 = (z - math.sqrt(1 - a_bar) * eps) / math.sqrt(a_bar)
+        z = math.sqrt(a_bar_prev) * x0 + math.sqrt(1 - a_bar_prev) * eps
+    return z
+
+
+def toy_start(n: int = 64) -> torch.Tensor:
+    return 3 * torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large", "learned_range"])
+@pytest.mark.parametrize("clip_x0", [None, 1.0])
+def test_ddpm_classifier_guidance_is_algorithm_1(variance, clip_x0):
+    """DDPM moves the mean by s·Σ·g, Σ the (respaced, learned) step variance, after clipping x̂_0
+    (guided-diffusion's condition_mean); not by the s·β_t/sqrt(α_t)·g an ε shift would give."""
+    chain = GaussianDiffusion.from_schedule("linear", variance=variance).respaced(GUIDED_STEPS)
+    model_fn = lambda z, t: toy_model_output(z, t, variance == "learned_range")  # noqa: E731
+    for scale in (0.0, 3.0):
+        ours = sample_ddpm(
+            model_fn, chain, toy_start(), grad_log_prob=toy_grad, classifier_scale=scale, clip_x0=clip_x0,
+            generator=torch.Generator().manual_seed(1),
+        )  # fmt: skip
+        expected = guided_ddpm_by_hand(toy_start(), variance, scale, clip_x0, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("clip_x0", [None, 1.0])
+def test_ddim_classifier_guidance_is_algorithm_2(clip_x0):
+    """DDIM shifts ε by −s·sqrt(1 − ᾱ_t)·g, after clipping x̂_0 and before deriving the new, unclipped
+    x̂_0 from it (guided-diffusion's condition_score)."""
+    chain = GaussianDiffusion.from_schedule("linear").respaced(GUIDED_STEPS)
+    model_fn = lambda z, t: toy_model_output(z, t, False)  # noqa: E731
+    unclipped = []
+    record = lambda i, z, pred: unclipped.append(pred.pred_x0.abs().max().item() > 1.0)  # noqa: E731
+    for scale in (0.0, 3.0):
+        ours = sample_ddim(
+            model_fn, chain, toy_start(), grad_log_prob=toy_grad, classifier_scale=scale, clip_x0=clip_x0,
+            callback=record,
+        )  # fmt: skip
+        torch.testing.assert_close(ours, guided_ddim_by_hand(toy_start(), scale, clip_x0), rtol=1e-10, atol=1e-10)
+    if clip_x0 is not None:  # the guided x̂_0 leaves [−1, 1]: it was not clipped after the shift
+        assert any(unclipped)
+
+
+def test_classifier_guidance_acts_after_clipping():
+    """Clipping x̂_0 after the shift instead (the order before issue 16) gives other samples: the
+    comparisons above can tell the two orders apart."""
+    chain = GaussianDiffusion.from_schedule("linear").respaced(GUIDED_STEPS)
+    alpha_bar_train = GaussianDiffusion.from_schedule("linear").alphas_cumprod
+
+    def shifted_first(z, t):
+        sigma = (1 - alpha_bar_train[t]).sqrt().reshape(-1, 1)
+        return toy_model_output(z, t, False) - 3.0 * sigma * toy_grad(z, t)
+
+    model_fn = lambda z, t: toy_model_output(z, t, False)  # noqa: E731
+    ours = sample_ddim(model_fn, chain, toy_start(), grad_log_prob=toy_grad, classifier_scale=3.0, clip_x0=1.0)
+    other = sample_ddim(shifted_first, chain, toy_start(), clip_x0=1.0)
+    assert (ours - other).abs().max().item() > 1e-3
+
+
+def test_one_guided_step_in_closed_form():
+    """On a respaced learned-range chain: condition_mean adds s·exp(log Σ)·g to μ and nothing else;
+    condition_score subtracts s·sqrt(1 − ᾱ_t)·g from ε, with ᾱ_t at the step's training timestep."""
+    full = GaussianDiffusion.from_schedule("linear", variance="learned_range")
+    chain = full.respaced(250)
+    z = toy_start(8)
+    t = torch.tensor([1, 1, 2, 3, 10, 100, 200, 249])  # chain steps
+    train_t = chain.timesteps[t]
+    pred = chain.p_mean_variance(toy_model_output(z, train_t, True), z, t)
+    grad = toy_grad(z, train_t)
+
+    by_mean = condition_mean(chain, pred, z, t, grad, 2.0)
+    torch.testing.assert_close(by_mean.mean - pred.mean, 2.0 * torch.exp(pred.log_variance) * grad)
+    assert torch.equal(by_mean.pred_x0, pred.pred_x0) and torch.equal(by_mean.eps, pred.eps)
+    assert torch.equal(by_mean.log_variance, pred.log_variance)
+
+    by_score = condition_score(chain, pred, z, t, grad, 2.0)
+    sigma = (1 - full.alphas_cumprod[train_t]).sqrt().reshape(-1, 1)
+    torch.testing.assert_close(by_score.eps - pred.eps, -2.0 * sigma * grad)
+    x0 = (z - sigma * by_score.eps) / full.alphas_cumprod[train_t].sqrt().reshape(-1, 1)
+    torch.testing.assert_close(by_score.pred_x0, x0)
+    # The ε shift moves DDPM's mean by s·β_t/sqrt(α_t)·g: up to several times Algorithm 1's s·Σ·g at small t.
+    ratio = (by_score.mean - pred.mean) / (by_mean.mean - pred.mean)
+    beta, alpha = chain.betas[t].reshape(-1, 1), 1 - chain.betas[t].reshape(-1, 1)
+    torch.testing.assert_close(ratio, beta / alpha.sqrt() / torch.exp(pred.log_variance))
+    assert ratio[:2].max().item() > 2

@@ -21,7 +21,9 @@ from data_tools import encode_latents, inspect_shards
 from data_tools.make_digits import write_digits
 from diffusion_dist.codecs import PixelCodec
 from diffusion_dist.data.shards import decode_npy, iter_tar_samples
+from diffusion_dist.pictures import grid_layout, row_labels
 from tests.conftest import CANARY_KEY_ID, CANARY_SECRET, ROOT
+from tests.test_pictures import cells
 
 
 @pytest.fixture(scope="session")
@@ -357,13 +359,20 @@ def test_vae_moments_and_decoded_grid(digits, tiny_vae, tmp_path):
     torch.testing.assert_close(stored[:, :4], posterior.mean, atol=2e-3, rtol=2e-3)  # float16 storage
     torch.testing.assert_close(stored[:, 4:], posterior.logvar, atol=2e-2, rtol=2e-3)
 
+    # The grid: a labelled row per class, the first 4 classes met with their first 4 samples each.
     grid = tmp_path / "grid.png"
     assert inspect_shards.main([str(out), "--grid", str(grid), "--n", "16"]) == 0
     decoded = np.asarray(Image.open(grid))
-    assert decoded.shape == (64, 64, 3)  # 4 × 4 images of 16 px
+    by_class: dict[int, list[dict]] = {}
+    for s in all_samples(out):
+        by_class.setdefault(int(s["cls"]), []).append(s)
+    shown = [s for c in sorted(list(by_class)[:4]) for s in by_class[c][:4]]
+    layout = grid_layout(16, 16, 16, rows=4, labels=row_labels(sorted(list(by_class)[:4])))
+    assert decoded.shape == (*layout.shape, 3) and layout.factor == 4  # 16 px samples in 64 px cells
+    latents = torch.from_numpy(np.stack([decode_npy(s["latent.npy"]) for s in shown])).float()[:, :4]
     with torch.no_grad():
-        expected = ((vae.decode(stored[:, :4]).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    assert np.abs(decoded[:16, :16].astype(int) - expected[0].permute(1, 2, 0).numpy()).max() <= 1
+        expected = ((vae.decode(latents).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert np.abs(cells(decoded, layout, 16).astype(int) - expected.permute(0, 2, 3, 1).numpy()).max() <= 1
 
 
 def test_unloadable_vae_is_a_clear_error(digits, tmp_path, capsys):

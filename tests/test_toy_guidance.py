@@ -17,7 +17,6 @@ from diffusion_dist.diffusion import (
     GaussianDiffusion,
     classifier_free_guidance,
     classifier_grad,
-    classifier_guidance,
     classifier_loss,
     conditional,
     diffusion_loss,
@@ -155,11 +154,15 @@ def test_exact_classifier_guidance_recovers_the_conditional(sampler):
     chain = diffusion.respaced(250)
     for label in range(4):
         labels = torch.full((2000,), label)
-        model_fn = classifier_guidance(
-            unconditional_eps, classifier_grad(classifier, labels), diffusion.alphas_cumprod, scale=1.0
-        )
         z_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(label), dtype=torch.float64)
-        x = SAMPLERS[sampler](model_fn, chain, z_T, generator=torch.Generator().manual_seed(10 + label))
+        x = SAMPLERS[sampler](
+            unconditional_eps,
+            chain,
+            z_T,
+            grad_log_prob=classifier_grad(classifier, labels),
+            classifier_scale=1.0,
+            generator=torch.Generator().manual_seed(10 + label),
+        )
         nearest = torch.cdist(x, centers).argmin(dim=1)
         assert (nearest == label).float().mean().item() > 0.99
         torch.testing.assert_close(x.mean(dim=0), centers[label], atol=0.03, rtol=0)
@@ -192,7 +195,9 @@ def unconditional_toy_and_classifier():
 def test_learned_classifier_guidance_steers_an_unconditional_model(unconditional_toy_and_classifier, sampler):
     """s = 0 spreads samples over all 8 modes; guidance moves them to the requested mode (the nearest
     centre), more the larger s. (Strongly guided DDIM samples overshoot outward, away from the other
-    modes, as with classifier-free guidance: the nearest centre, not a radius, judges them.)"""
+    modes, as with classifier-free guidance: the nearest centre, not a radius, judges them.) DDPM's
+    mean shift s·Σ·∇ (Algorithm 1) is the weaker guide at a given s on this 50-step chain (seen: 12%,
+    34%, 91%, 99.9% at s = 0, 0.3, 1, 4; DDIM's ε shift: 13%, 34%, 100%, 100%)."""
     model, classifier, diffusion = unconditional_toy_and_classifier
     chain = diffusion.respaced(50)
     shares = {}
@@ -200,19 +205,20 @@ def test_learned_classifier_guidance_steers_an_unconditional_model(unconditional
         hits = []
         for label in range(NUM_MODES):
             labels = torch.full((300,), label)
-            model_fn = classifier_guidance(
-                conditional(model, torch.zeros_like(labels)),
-                classifier_grad(classifier, labels),
-                diffusion.alphas_cumprod,
-                scale,
-            )
             z_T = torch.randn(300, 2, generator=torch.Generator().manual_seed(label))
-            x = SAMPLERS[sampler](model_fn, chain, z_T, generator=torch.Generator().manual_seed(50 + label))
+            x = SAMPLERS[sampler](
+                conditional(model, torch.zeros_like(labels)),
+                chain,
+                z_T,
+                grad_log_prob=classifier_grad(classifier, labels),
+                classifier_scale=scale,
+                generator=torch.Generator().manual_seed(50 + label),
+            )
             hits.append(fraction_in_mode(x, label, float("inf")))
         shares[scale] = sum(hits) / NUM_MODES
     assert shares[0.0] < 0.25, shares  # unguided: about 1/8 in any one mode
     assert shares[0.0] < shares[0.3] < shares[1.0] <= shares[4.0], shares
-    assert shares[1.0] > 0.9 and shares[4.0] > 0.95, shares
+    assert shares[1.0] > 0.85 and shares[4.0] > 0.95, shares
 
 
 def test_classifier_and_classifier_free_guidance_together(trained_toy, unconditional_toy_and_classifier):
@@ -225,8 +231,14 @@ def test_classifier_and_classifier_free_guidance_together(trained_toy, unconditi
         labels = torch.full((400,), label)
         shares = []
         for guidance in (Guidance(1.0), Guidance(1.0, classifier, 1.0)):
-            model_fn = guided_model_fn(model, diffusion, labels, guidance)
             z_T = torch.randn(400, 2, generator=torch.Generator().manual_seed(label))
-            x = sample_ddpm(model_fn, chain, z_T, generator=torch.Generator().manual_seed(100 + label))
+            x = sample_ddpm(
+                guided_model_fn(model, labels, guidance),
+                chain,
+                z_T,
+                grad_log_prob=guidance.grad_log_prob(labels),
+                classifier_scale=guidance.classifier_scale,
+                generator=torch.Generator().manual_seed(100 + label),
+            )
             shares.append(fraction_in_mode(x, label, 2 * STD))
         assert shares[1] >= 0.95 and shares[1] >= shares[0] - 0.02, (label, shares)

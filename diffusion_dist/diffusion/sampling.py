@@ -1,8 +1,11 @@
 """Samplers (DDPM ancestral, DDIM) and guidance (classifier-free, classifier).
 
-Samplers take a `ModelFn` (z_t, t) -> [ε] or [ε, v], with t the training timestep; the
-guidance helpers build such functions from a conditional model. Any guidance works with
-any sampler because both are expressed as a change of ε (Dhariwal & Nichol 2021, Sec. 4.2).
+Samplers take a `ModelFn` (z_t, t) -> [ε] or [ε, v], with t the training timestep.
+Classifier-free guidance changes ε, so it is a ModelFn built from a conditional model.
+Classifier guidance is applied by the sampler to each step's prediction, given the
+classifier's gradient ∇ log p_φ(c | z_t) and its scale s: DDPM shifts the mean by s·Σ·∇
+(Dhariwal & Nichol 2021, Algorithm 1), DDIM shifts ε by −s·sqrt(1 − ᾱ_t)·∇ (Algorithm 2).
+Both stack on classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from .losses import ConditionalModel, NoisyClassifierFn
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (z_t, t) -> ∇_{z_t} log p_φ(c | z_t, t), same shape as z_t.
 GradLogProb = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (chain, prediction, z_t, chain step t, ∇ log p_φ(c | z_t), s) -> the guided prediction.
+Conditioning = Callable[[GaussianDiffusion, Prediction, torch.Tensor, torch.Tensor, torch.Tensor, float], Prediction]
 # Called after every step with (step index i, z_{t−1}, prediction at step i).
 Callback = Callable[[int, torch.Tensor, Prediction], None]
 
@@ -59,23 +64,30 @@ def classifier_grad(classifier: NoisyClassifierFn, labels: torch.Tensor) -> Grad
     return grad
 
 
-def classifier_guidance(
-    model_fn: ModelFn, grad_log_prob: GradLogProb, alphas_cumprod: torch.Tensor, scale: float
-) -> ModelFn:
-    """ε̃ = ε_θ − s·sqrt(1 − ᾱ_t)·∇ log p_φ(c | z_t)  (Dhariwal & Nichol 2021, Algorithm 2).
+def condition_mean(
+    diffusion: GaussianDiffusion, pred: Prediction, z_t: torch.Tensor, t: torch.Tensor, grad: torch.Tensor, scale: float
+) -> Prediction:
+    """μ̃ = μ_θ(z_t, t) + s·Σ_θ(z_t, t)·∇ log p_φ(c | z_t)  (Dhariwal & Nichol 2021, Algorithm 1).
 
-    alphas_cumprod is the training chain's ᾱ, indexed by training timestep. Stacks on top
-    of classifier-free guidance when model_fn is already guided.
+    Σ_θ is the step's variance on the chain being sampled (learned or fixed, respaced or not).
+    μ_θ is the one from the clipped x̂_0, which stays as it was: guided-diffusion's condition_mean.
+    diffusion, z_t and t go unused; the signature is condition_score's, so a sampler can take either.
     """
+    return pred._replace(mean=pred.mean + scale * pred.variance * grad)
 
-    def guided(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model_fn(z_t, t)
-        channels = z_t.shape[1]
-        sigma = at_timestep((1.0 - alphas_cumprod).sqrt(), t, z_t)
-        eps = out[:, :channels] - scale * sigma * grad_log_prob(z_t, t)
-        return torch.cat([eps, out[:, channels:]], dim=1)
 
-    return guided
+def condition_score(
+    diffusion: GaussianDiffusion, pred: Prediction, z_t: torch.Tensor, t: torch.Tensor, grad: torch.Tensor, scale: float
+) -> Prediction:
+    """ε̂ = ε_θ(z_t) − s·sqrt(1 − ᾱ_t)·∇ log p_φ(c | z_t)  (Dhariwal & Nichol 2021, Algorithm 2).
+
+    ε_θ is the one implied by the clipped x̂_0; x̂_0 and μ are derived again from ε̂ and not clipped
+    a second time, as in guided-diffusion's condition_score.
+    """
+    eps = pred.eps - scale * at_timestep(diffusion.sqrt_one_minus_alphas_cumprod, t, z_t) * grad
+    pred_x0 = diffusion.predict_x0_from_eps(z_t, t, eps)
+    mean, _, _ = diffusion.q_posterior_mean_variance(pred_x0, z_t, t)
+    return pred._replace(mean=mean, pred_x0=pred_x0, eps=eps)
 
 
 def ddpm_step(pred: Prediction, noise: torch.Tensor | None) -> torch.Tensor:
@@ -106,16 +118,26 @@ def _reverse_chain(
     diffusion: GaussianDiffusion,
     noise: torch.Tensor,
     step: Callable[[int, torch.Tensor, Prediction, torch.Tensor], torch.Tensor],
+    *,
+    condition: Conditioning,
+    grad_log_prob: GradLogProb | None,
+    classifier_scale: float,
     clip_x0: float | None,
     progress: bool,
     callback: Callback | None,
     desc: str,
 ) -> torch.Tensor:
-    """Walk the (respaced) chain from z_T = noise down to z_0, one `step(i, t, prediction, z)` at a time."""
+    """Walk the (respaced) chain from z_T = noise down to z_0, one `step(i, t, prediction, z)` at a time.
+
+    With grad_log_prob, each step's prediction (x̂_0 already clipped) is guided by `condition` first.
+    """
     z = noise
     for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), desc=desc, disable=not progress):
         t = torch.full((z.shape[0],), i, device=z.device, dtype=torch.long)
-        pred = diffusion.p_mean_variance(model_fn(z, diffusion.timesteps.to(z.device)[t]), z, t, clip_x0)
+        train_t = diffusion.timesteps.to(z.device)[t]  # models and classifiers see training timesteps
+        pred = diffusion.p_mean_variance(model_fn(z, train_t), z, t, clip_x0)
+        if grad_log_prob is not None:
+            pred = condition(diffusion, pred, z, t, grad_log_prob(z, train_t), classifier_scale)
         z = step(i, t, pred, z)
         if callback is not None:
             callback(i, z, pred)
@@ -128,17 +150,35 @@ def sample_ddpm(
     diffusion: GaussianDiffusion,
     noise: torch.Tensor,
     *,
+    grad_log_prob: GradLogProb | None = None,
+    classifier_scale: float = 1.0,
     generator: torch.Generator | None = None,
     clip_x0: float | None = None,
     progress: bool = False,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """Ancestral sampling, Algorithm 2 of Ho et al. (2020), on the (respaced) chain from z_T = noise."""
+    """Ancestral sampling, Algorithm 2 of Ho et al. (2020), on the (respaced) chain from z_T = noise.
+
+    grad_log_prob: classifier guidance with scale s = classifier_scale, as a shift of the mean
+    (Dhariwal & Nichol 2021, Algorithm 1).
+    """
 
     def step(i: int, t: torch.Tensor, pred: Prediction, z: torch.Tensor) -> torch.Tensor:
         return ddpm_step(pred, _randn_like(z, generator) if i > 0 else None)
 
-    return _reverse_chain(model_fn, diffusion, noise, step, clip_x0, progress, callback, "DDPM")
+    return _reverse_chain(
+        model_fn,
+        diffusion,
+        noise,
+        step,
+        condition=condition_mean,
+        grad_log_prob=grad_log_prob,
+        classifier_scale=classifier_scale,
+        clip_x0=clip_x0,
+        progress=progress,
+        callback=callback,
+        desc="DDPM",
+    )
 
 
 @torch.no_grad()
@@ -148,17 +188,35 @@ def sample_ddim(
     noise: torch.Tensor,
     *,
     eta: float = 0.0,
+    grad_log_prob: GradLogProb | None = None,
+    classifier_scale: float = 1.0,
     generator: torch.Generator | None = None,
     clip_x0: float | None = None,
     progress: bool = False,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021) on the (respaced) chain from z_T = noise: deterministic at η = 0."""
+    """DDIM (Song et al. 2021) on the (respaced) chain from z_T = noise: deterministic at η = 0.
+
+    grad_log_prob: classifier guidance with scale s = classifier_scale, as a shift of ε
+    (Dhariwal & Nichol 2021, Algorithm 2).
+    """
 
     def step(i: int, t: torch.Tensor, pred: Prediction, z: torch.Tensor) -> torch.Tensor:
         return ddim_step(diffusion, pred, t, eta, _randn_like(z, generator) if eta > 0 and i > 0 else None)
 
-    return _reverse_chain(model_fn, diffusion, noise, step, clip_x0, progress, callback, "DDIM")
+    return _reverse_chain(
+        model_fn,
+        diffusion,
+        noise,
+        step,
+        condition=condition_score,
+        grad_log_prob=grad_log_prob,
+        classifier_scale=classifier_scale,
+        clip_x0=clip_x0,
+        progress=progress,
+        callback=callback,
+        desc="DDIM",
+    )
 
 
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim}

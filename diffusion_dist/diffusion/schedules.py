@@ -60,15 +60,19 @@ def space_timesteps(num_timesteps: int, spacing: str | int | Sequence[int]) -> l
     """The subset of the T training timesteps that a respaced sampler visits, ascending.
 
     `spacing` follows ADM (Nichol & Dhariwal 2021, Sec. 4): an int or "N" takes N steps as
-    evenly strided as possible; "ddimN" takes the exact stride T / N starting at 0 (as the
-    DDIM paper and diffusers' "leading" spacing do); "10,15,20" splits [0, T) into equal
+    evenly strided as possible; "ddimN" takes 0, k, 2k, ... with the smallest stride k that
+    gives exactly N steps (improved-diffusion's rule; k = T / N when N divides T, as in the
+    DDIM paper and diffusers' "leading" spacing); "10,15,20" splits [0, T) into equal
     sections and takes that many steps from each. A sequence of ints is used as given.
     """
     if isinstance(spacing, str) and spacing.startswith("ddim"):
         count = int(spacing[len("ddim") :])
-        if count < 1 or num_timesteps % count:
-            raise ValueError(f"ddim spacing needs a step count dividing {num_timesteps}, got {count}")
-        return list(range(0, num_timesteps, num_timesteps // count))
+        # range(0, T, k) has ceil(T / k) steps, N exactly when T / N <= k < T / (N − 1): the
+        # smallest such k is ceil(T / N), if it is below T / (N − 1).
+        stride = -(-num_timesteps // max(count, 1))
+        if count < 1 or len(range(0, num_timesteps, stride)) != count:
+            raise ValueError(f"ddim spacing: no integer stride gives exactly {count} of {num_timesteps} timesteps")
+        return list(range(0, num_timesteps, stride))
     if isinstance(spacing, (list, tuple)):
         steps = sorted(set(int(t) for t in spacing))
         if not steps or steps[0] < 0 or steps[-1] >= num_timesteps:
