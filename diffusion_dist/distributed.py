@@ -75,9 +75,7 @@ def first_host(nodelist: str) -> str:
 
 
 def init_process_group(process: ProcessInfo, device: torch.device) -> None:
-    """Start torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU."""
-    import deepspeed
-
+    """Join the job's process group: NCCL on GPUs, gloo on CPU (DeepSpeed adopts it as it is)."""
     os.environ.update(
         RANK=str(process.rank),
         WORLD_SIZE=str(process.world_size),
@@ -85,8 +83,9 @@ def init_process_group(process: ProcessInfo, device: torch.device) -> None:
         MASTER_ADDR=process.master_addr,
         MASTER_PORT=str(process.master_port),
     )
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=process.rank, world_size=process.world_size)
 
 
 def distributed() -> bool:
@@ -97,6 +96,14 @@ def distributed() -> bool:
 def barrier() -> None:
     if distributed():
         dist.barrier()
+
+
+def end_process_group() -> None:
+    """Leave the process group (after a final barrier where ranks must end together)."""
+    global _CPU_GROUP
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CPU_GROUP = None
 
 
 def all_ranks_agree(ok: bool) -> bool:

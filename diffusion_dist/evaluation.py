@@ -17,14 +17,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .codecs import Codec, codec_from_manifest
 from .data.manifest import load_manifest
-from .data.shards import decode_npy, parse_tar
-from .data.storage import filesystem, join, read_bytes, redact_url
+from .data.shards import decode_npy, read_shard
+from .data.storage import filesystem, redact_url
 from .diffusion import GaussianDiffusion
+from .distributed import broadcast_from_rank0, gather_in_order
+from .export import ExportInfo
 from .inference import Guidance, generate_images, sampling_copy
 from .models import UNet
 
@@ -170,20 +171,12 @@ def extract_features(batches: ImageBatches, features: FeatureNet) -> dict[str, t
         torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
         {k: torch.cat(v) for k, v in parts.items()},
     )
-    if _distributed():
-        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(local, gathered, dst=0)
-        if dist.get_rank() != 0:
-            return None
-    else:
-        gathered = [local]
+    gathered = gather_in_order(local)
+    if gathered is None:
+        return None
     order = torch.argsort(torch.cat([index for index, _ in gathered]))
     keys = sorted(set().union(*(rows.keys() for _, rows in gathered)))
     return {key: torch.cat([rows[key] for _, rows in gathered if key in rows])[order] for key in keys}
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
@@ -236,7 +229,7 @@ def sample_labels(num_samples: int, num_classes: int) -> list[int]:
 def sample_batches(
     model: UNet,
     diffusion: GaussianDiffusion,
-    info: dict[str, Any],
+    info: ExportInfo,
     labels: list[int],
     guidance: Guidance,
     *,
@@ -252,7 +245,7 @@ def sample_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share of the samples for `labels`: batch b (samples b·B ...) goes to rank b mod world
     size and starts from seed + b·B, so the whole set is the same whatever the number of ranks."""
-    codec = codec or codec_from_manifest(info["codec"], device)
+    codec = codec or codec_from_manifest(info.codec, device)
     starts = list(range(0, len(labels), batch_size))[rank::world_size]
     for start in tqdm(starts, desc=f"sampling (rank {rank})", disable=not progress, unit="batch"):
         chunk = labels[start : start + batch_size]
@@ -328,7 +321,7 @@ def dataset_batches(
         if count <= 0:
             break
         if shard_index % world_size == rank:
-            samples = parse_tar(read_bytes(fs, join(root, shard["name"])))[:count]
+            samples = read_shard(fs, root, shard, ("latent.npy",))[:count]
             for start in range(0, count, batch_size):
                 stored = np.stack([decode_npy(s["latent.npy"]) for s in samples[start : start + batch_size]])
                 latents = torch.from_numpy(stored).float()
@@ -376,12 +369,7 @@ def reference_statistics(
             cached = stats if all(str(stats.get(k)) == str(v) for k, v in meta.items()) else None
         except EvaluationError:  # another extractor's, or damaged: computed anew
             cached = None
-    if _distributed():  # rank 0 decides: all ranks compute together, or none does
-        box = [cached is not None]
-        dist.broadcast_object_list(box, src=0)
-        if box[0]:
-            return cached
-    elif cached is not None:
+    if broadcast_from_rank0(cached is not None):  # rank 0 decides: all ranks compute together, or none does
         return cached
     batches = dataset_batches(
         reference,
@@ -409,7 +397,7 @@ class TrainingFid:
 
     def __init__(
         self,
-        info: dict[str, Any],
+        info: ExportInfo,
         features: FeatureNet,
         reference: Mapping[str, np.ndarray] | None,
         guidance: Guidance,
@@ -426,7 +414,7 @@ class TrainingFid:
         self.info, self.features, self.reference, self.guidance = info, features, reference, guidance
         self.steps, self.sampler, self.batch_size, self.seed = steps, sampler, batch_size, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.labels = sample_labels(num_samples, max(1, info["model"]["num_classes"]))
+        self.labels = sample_labels(num_samples, max(1, info.model.num_classes))
         self.model, self.diffusion, self.codec = sampling_copy(info, self.device)
 
     def __call__(self, weights: dict[str, torch.Tensor]) -> dict[str, float] | None:

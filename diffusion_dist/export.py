@@ -129,10 +129,12 @@ def write_export(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name, tensors in ((WEIGHTS, weights), (RAW_WEIGHTS, raw)):
-        if tensors is not None:
-            data = save({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()})
-            with atomic_file(directory / name) as temporary:
-                temporary.write_bytes(data)
+        if tensors is None:
+            (directory / name).unlink(missing_ok=True)  # an earlier export's: not of these weights
+            continue
+        data = save({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()})
+        with atomic_file(directory / name) as temporary:
+            temporary.write_bytes(data)
     with atomic_file(directory / CONFIG) as temporary:
         temporary.write_text(json.dumps(info.to_dict(), indent=1, sort_keys=True))
     return directory

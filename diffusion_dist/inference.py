@@ -7,7 +7,7 @@ w of ε̃ = (1 + w)·ε_θ(c) − w·ε_θ(∅); DiT, GLIDE and diffusers write 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -15,33 +15,17 @@ import torch
 from .codecs import Codec, codec_from_manifest, from_model_space, x0_clip
 from .diffusion import GaussianDiffusion, classifier_free_guidance, classifier_grad, conditional, generate
 from .diffusion.sampling import GradLogProb, ModelFn
-from .models import NoisyClassifier, UNet, build_classifier, build_unet
+from .export import ExportInfo
+from .models import NoisyClassifier, UNet
+from .pictures import grid_image, row_labels
 
 
-def build_from_info(info: dict[str, Any]) -> tuple[UNet | NoisyClassifier, GaussianDiffusion]:
-    """An untrained model (UNet or noisy classifier) and the training chain, as an export's config.json says."""
-    model_info, diffusion_info = info["model"], info["diffusion"]
-    if model_info.get("kind", "unet") == "classifier":
-        model = build_classifier(model_info["size"], model_info["in_channels"], model_info["num_classes"])
-    else:
-        model = build_unet(
-            model_info["size"],
-            model_info["in_channels"],
-            model_info["num_classes"],
-            learn_sigma=diffusion_info["variance"] == "learned_range",
-        )
-    diffusion = GaussianDiffusion.from_schedule(
-        diffusion_info["schedule"], diffusion_info["num_timesteps"], diffusion_info["variance"]
-    )
-    return model, diffusion
-
-
-def sampling_copy(info: dict[str, Any], device: str | torch.device) -> tuple[UNet, GaussianDiffusion, Codec]:
+def sampling_copy(info: ExportInfo, device: str | torch.device) -> tuple[UNet, GaussianDiffusion, Codec]:
     """A model copy in eval mode, its chain and codec for sampling during training (grids, FID): built
     without drawing from the training RNG (model init here, the VAE's in the codec)."""
     with torch.random.fork_rng(devices=[]):
-        model, diffusion = build_from_info(info)
-    return model.to(device).eval(), diffusion, codec_from_manifest(info["codec"], device)
+        model = info.build_model()
+    return model.to(device).eval(), info.chain(), codec_from_manifest(info.codec, device)
 
 
 class Guidance(NamedTuple):
@@ -62,22 +46,22 @@ class Guidance(NamedTuple):
         return classifier_grad(self.classifier, labels)
 
 
-def check_classifier(info: dict[str, Any], classifier_info: dict[str, Any]) -> None:
+def check_classifier(info: ExportInfo, classifier_info: ExportInfo) -> None:
     """Raise ValueError unless the classifier export was trained on the model's chain and latents."""
-    if classifier_info["model"].get("kind") != "classifier":
+    if classifier_info.model.kind != "classifier":
         raise ValueError("--classifier: the export is not a classifier (train one with model.kind=classifier)")
     for key in ("schedule", "num_timesteps"):
-        if classifier_info["diffusion"][key] != info["diffusion"][key]:
+        theirs, ours = getattr(classifier_info.diffusion, key), getattr(info.diffusion, key)
+        if theirs != ours:
             raise ValueError(
-                f"--classifier: trained with diffusion.{key}={classifier_info['diffusion'][key]!r}, the model "
-                f"with {info['diffusion'][key]!r}; its p(c | z_t) is for other noise levels: train it with the model's"
+                f"--classifier: trained with diffusion.{key}={theirs!r}, the model with {ours!r}; "
+                "its p(c | z_t) is for other noise levels: train it with the model's"
             )
-    if classifier_info["latent_shape"] != info["latent_shape"] or classifier_info["codec"] != info["codec"]:
+    if classifier_info.latent_shape != info.latent_shape or classifier_info.codec != info.codec:
         raise ValueError("--classifier: trained on latents of another shape or codec than the model's")
-    if info["model"]["num_classes"] and classifier_info["model"]["num_classes"] != info["model"]["num_classes"]:
+    if info.model.num_classes and classifier_info.model.num_classes != info.model.num_classes:
         raise ValueError(
-            f"--classifier: {classifier_info['model']['num_classes']} classes, the model has "
-            f"{info['model']['num_classes']}"
+            f"--classifier: {classifier_info.model.num_classes} classes, the model has {info.model.num_classes}"
         )
 
 
@@ -103,7 +87,7 @@ class SampleGrid:
 
     def __init__(
         self,
-        info: dict[str, Any],
+        info: ExportInfo,
         device: torch.device,
         *,
         seed: int = 0,
@@ -111,37 +95,38 @@ class SampleGrid:
         per_class: int = 8,
     ) -> None:
         self.info, self.device, self.seed = info, device, seed
-        num_classes = info["model"]["num_classes"]
+        num_classes = info.model.num_classes
         self.classes = sorted(
             {c * num_classes // min(num_classes, max_classes) for c in range(min(num_classes, max_classes))}
         )
         self.labels = [c for c in self.classes for _ in range(per_class)]
+        self.row_labels = row_labels(self.classes, info.dataset.class_names)
         self.model, self.diffusion, self.codec = sampling_copy(info, device)
 
     def __call__(self, ema_weights: dict[str, torch.Tensor]) -> np.ndarray:
-        """One uint8 image (rows·H, per_class·W, 3) from these weights."""
+        """One labelled uint8 grid image, a row per class, from these weights."""
         self.model.load_state_dict(ema_weights)
-        defaults = self.info["diffusion"]
+        defaults = self.info.diffusion
         images = generate_images(
             self.model,
             self.diffusion,
             self.info,
             self.labels,
-            Guidance(defaults["guidance_scale"]),
-            steps=defaults["sample_steps"],
-            sampler=defaults["sampler"],
+            Guidance(defaults.guidance_scale),
+            steps=defaults.sample_steps,
+            sampler=defaults.sampler,
             seed=self.seed,
             device=self.device,
             codec=self.codec,
         )
-        return image_grid(images, rows=len(self.classes))
+        return grid_image(images, rows=len(self.classes), labels=self.row_labels)
 
 
 @torch.no_grad()
 def generate_images(
     model: UNet,
     diffusion: GaussianDiffusion,
-    info: dict[str, Any],
+    info: ExportInfo,
     labels: list[int],
     guidance: Guidance,
     *,
@@ -158,9 +143,9 @@ def generate_images(
     Batch b draws its noise from seed + b·batch_size. `codec` decodes the latents; by default the one `info` names
     is loaded (a VAE: seconds).
     """
-    codec = codec or codec_from_manifest(info["codec"], device)
+    codec = codec or codec_from_manifest(info.codec, device)
     chain = diffusion.respaced(steps)
-    shape = tuple(info["latent_shape"])
+    shape = info.latent_shape
     images = []
     for start in range(0, len(labels), batch_size):
         chunk = torch.tensor(labels[start : start + batch_size], device=device)
@@ -172,20 +157,10 @@ def generate_images(
             sampler=sampler,
             device=device,
             progress=progress,
-            clip_x0=x0_clip(info["codec"]),
+            clip_x0=x0_clip(info.codec),
             grad_log_prob=guidance.grad_log_prob(chunk),
             classifier_scale=guidance.classifier_scale,
         )
-        decoded = codec.decode(from_model_space(latents, info["codec"]))  # (B, 3, H, W) uint8
+        decoded = codec.decode(from_model_space(latents, info.codec))  # (B, 3, H, W) uint8
         images.append(decoded.permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(images)
-
-
-def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
-    """(N, H, W, 3) -> one (rows·H, ceil(N/rows)·W, 3) image, filled row by row."""
-    n, h, w, c = images.shape
-    columns = -(-n // rows)
-    grid = np.zeros((rows * h, columns * w, c), dtype=images.dtype)
-    for i, image in enumerate(images):
-        grid[(i // columns) * h : (i // columns + 1) * h, (i % columns) * w : (i % columns + 1) * w] = image
-    return grid

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .data.storage import atomic_file
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -99,9 +100,7 @@ def _label_masks(labels: Sequence[str], cell_h: int) -> list[np.ndarray]:
     return masks
 
 
-def grid_layout(
-    count: int, height: int, width: int, rows: int, labels: Sequence[str] | None = None
-) -> GridLayout:
+def grid_layout(count: int, height: int, width: int, rows: int, labels: Sequence[str] | None = None) -> GridLayout:
     """The layout of `count` samples of height × width px in `rows` rows, with these row labels."""
     if count < 1 or rows < 1:
         raise ValueError(f"a grid needs samples and rows, got {count} samples in {rows} rows")
@@ -145,17 +144,12 @@ def row_labels(classes: Sequence[int], class_names: Sequence[str] | None = None)
 
 def save_png(path: str | Path, image: np.ndarray) -> Path:
     """Write a uint8 image as PNG atomically (a reader never sees half a file); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    Image.fromarray(image).save(partial, format="PNG")
-    partial.replace(path)
-    return path
+    with atomic_file(path) as temporary:
+        Image.fromarray(image).save(temporary, format="PNG")
+    return Path(path)
 
 
-def save_grid(
-    path: str | Path, images: np.ndarray, rows: int, labels: Sequence[str] | None = None
-) -> np.ndarray:
+def save_grid(path: str | Path, images: np.ndarray, rows: int, labels: Sequence[str] | None = None) -> np.ndarray:
     """`grid_image` of these samples written to `path` as PNG; returns the grid (for MLflow)."""
     grid = grid_image(images, rows, labels)
     save_png(path, grid)
@@ -181,11 +175,10 @@ def styled_figure(path: str | Path, suffixes: Sequence[str] = ("png",)) -> Itera
         yield figure
         for suffix in suffixes:
             target = path.with_name(f"{path.name}.{suffix}")
-            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
             # No creation date in the file: the same curves give the same bytes.
             metadata = {"Date": None} if suffix in ("svg", "pdf") else {}
-            figure.savefig(partial, format=suffix, metadata=metadata)
-            partial.replace(target)
+            with atomic_file(target) as temporary:
+                figure.savefig(temporary, format=suffix, metadata=metadata)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

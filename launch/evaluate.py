@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from data_tools.encode_latents import json_options
 from data_tools.images import IMAGE_EXTENSIONS, BadImage, center_crop_resize, decode_image
 from diffusion_dist.data.manifest import DatasetError, load_manifest
-from diffusion_dist.data.storage import filesystem, read_bytes, redact_text, redact_url
-from diffusion_dist.distributed import init_process_group, process_from_env
+from diffusion_dist.data.storage import atomic_file, filesystem, read_bytes, redact_text, redact_url
+from diffusion_dist.distributed import barrier, end_process_group, init_process_group, process_from_env
 from diffusion_dist.evaluation import (
     INCEPTION,
     EvaluationError,
@@ -48,7 +47,9 @@ from diffusion_dist.evaluation import (
     scores,
     statistics,
 )
+from diffusion_dist.export import ExportInfo
 from diffusion_dist.inference import Guidance
+from diffusion_dist.pictures import styled_figure
 from launch.sample import add_guidance_arguments, load_models
 
 log = logging.getLogger("launch.evaluate")
@@ -185,9 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise EvaluationError(f"--num-samples {args.num_samples}: FID needs at least 2")
         if args.batch_size < 1 or args.reference_samples < 2:
             raise EvaluationError("--batch-size must be >= 1 and --reference-samples >= 2")
-        cfg_scales = args.cfg_scale or [info["diffusion"]["guidance_scale"]]
+        cfg_scales = args.cfg_scale or [info.diffusion.guidance_scale]
         out = output_folder(args)
-        resolution = image_resolution(info["codec"], info["latent_shape"])
+        resolution = image_resolution(info.codec, list(info.latent_shape))
         reference = Reference(args.reference, resolution, args.storage_options)
         features = FeatureNet(args.feature_extractor, args.feature_weights, device, download=args.download_weights)
         if reference.kind == "statistics":
@@ -199,8 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if process.world_size > 1:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
         init_process_group(process, device)
-    steps = args.steps or info["diffusion"]["sample_steps"]
-    sampler = args.sampler or info["diffusion"]["sampler"]
+    steps = args.steps or info.diffusion.sample_steps
+    sampler = args.sampler or info.diffusion.sampler
     rank, world = process.rank, process.world_size
 
     started = time.perf_counter()
@@ -250,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rank == 0:
         report = {
             "export": str(Path(args.export).resolve()),
-            "step": info.get("step"),
+            "step": info.step,
             "num_samples": args.num_samples,
             "steps": steps,
             "sampler": sampler,
@@ -271,8 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_report(out, report)
         print_summary(report, out)
     if process.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        barrier()
+        end_process_group()
     return 0
 
 
@@ -289,18 +290,13 @@ def output_folder(args: argparse.Namespace) -> Path:
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
     """report.json and the sweep plot, FID (and IS) against w, each point labelled with its value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json.tmp").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.json.tmp").replace(out / "report.json")
+    with atomic_file(out / "report.json") as temporary:
+        temporary.write_text(json.dumps(report, indent=1) + "\n")
     results = report["results"]
     ws = [r["cfg_scale"] for r in results]
-    with plt.rc_context({"svg.fonttype": "none"}):  # SVG text stays text: the numbers can be read back
-        figure, axis = plt.subplots(figsize=(6, 4))
+    with styled_figure(out / "fid_vs_cfg", suffixes=("png", "svg")) as figure:
+        axis = figure.subplots()
         axis.plot(ws, [r["fid"] for r in results], "o-", color="tab:blue", label="FID")
         for w, r in zip(ws, results, strict=True):
             label = axis.annotate(f"{r['fid']:.2f}", (w, r["fid"]), textcoords="offset points", xytext=(0, 6))
@@ -310,22 +306,19 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         handles = axis.get_lines()
         if "inception_score" in results[0]:
             right = axis.twinx()
+            right.grid(False)  # one grid, the left axis's
             right.plot(ws, [r["inception_score"] for r in results], "s--", color="tab:orange", label="IS")
             right.set_ylabel("Inception Score")
             handles += right.get_lines()
         axis.legend(handles=handles, loc="best")
         axis.set_title(f"{report['num_samples']} samples, {report['sampler']} {report['steps']} steps", fontsize=10)
-        figure.tight_layout()
-        for suffix in ("png", "svg"):
-            figure.savefig(out / f"fid_vs_cfg.{suffix}", dpi=120)
-        plt.close(figure)
 
 
-def log_to_mlflow(args: argparse.Namespace, info: dict[str, Any], report: dict[str, Any], out: Path) -> str | None:
+def log_to_mlflow(args: argparse.Namespace, info: ExportInfo, report: dict[str, Any], out: Path) -> str | None:
     """One MLflow run with the scores per w, the best, and the report and plots as artifacts."""
     from diffusion_dist.train.tracking import Tracker, local_store
 
-    training = info.get("tracking") or {}
+    training = info.tracking or {}
     run_dir = run_dir_of(args.export)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     artifact_root = None

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from diffusion_dist.data.storage import redact_text
 from diffusion_dist.diffusion import SAMPLERS
-from diffusion_dist.inference import Guidance, check_classifier, generate_images, image_grid
-from diffusion_dist.train.export import load_export
+from diffusion_dist.export import load_export
+from diffusion_dist.inference import Guidance, check_classifier, generate_images
+from diffusion_dist.pictures import row_labels, save_grid
 
 
 def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,19 +49,19 @@ def load_models(args: argparse.Namespace, need_classes: bool = True) -> tuple:
     need_classes: refuse an unconditional model without a classifier (it cannot follow --classes)."""
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, diffusion, info = load_export(args.export, args.device)
-    if info["model"].get("kind", "unet") != "unet":
-        raise ValueError(f"{args.export} is a {info['model']['kind']} export; sample from a diffusion model export")
+    if info.model.kind != "unet":
+        raise ValueError(f"{args.export} is a {info.model.kind} export; sample from a diffusion model export")
     classifier = None
-    num_classes = info["model"]["num_classes"]
+    num_classes = info.model.num_classes
     if args.classifier:
         classifier, _, classifier_info = load_export(args.classifier, args.device)
         check_classifier(info, classifier_info)
-        num_classes = classifier_info["model"]["num_classes"]
+        num_classes = classifier_info.model.num_classes
     if args.classifier_scale < 0:
         raise ValueError(f"--classifier-scale {args.classifier_scale}: must be >= 0")
     if num_classes == 0 and need_classes:
         raise ValueError(f"{args.export} is unconditional: pass --classifier to sample classes")
-    steps = args.steps or info["diffusion"]["sample_steps"]
+    steps = args.steps or info.diffusion.sample_steps
     if not 1 <= steps <= diffusion.num_timesteps:
         raise ValueError(f"--steps {steps}: must lie in [1, {diffusion.num_timesteps}]")
     return model, diffusion, info, classifier, num_classes
@@ -92,24 +92,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
-    defaults = info["diffusion"]
+    defaults = info.diffusion
     labels = [c for c in classes for _ in range(args.per_class)]
-    cfg_scale = defaults["guidance_scale"] if args.cfg_scale is None else args.cfg_scale
+    cfg_scale = defaults.guidance_scale if args.cfg_scale is None else args.cfg_scale
     images = generate_images(
         model,
         diffusion,
         info,
         labels,
         Guidance(cfg_scale, classifier, args.classifier_scale),
-        steps=args.steps or defaults["sample_steps"],
-        sampler=args.sampler or defaults["sampler"],
+        steps=args.steps or defaults.sample_steps,
+        sampler=args.sampler or defaults.sampler,
         seed=args.seed,
         device=args.device,
         progress=True,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image_grid(images, rows=len(classes))).save(out.with_suffix(".png"))
+    save_grid(out.with_suffix(".png"), images, rows=len(classes), labels=row_labels(classes, info.dataset.class_names))
     np.savez_compressed(out.with_suffix(".npz"), images=images, labels=np.asarray(labels))
     print(f"wrote {len(images)} samples: {out.with_suffix('.png')} and {out.with_suffix('.npz')}", file=sys.stderr)
     return 0

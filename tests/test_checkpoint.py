@@ -80,7 +80,7 @@ def test_resume_restores_what_the_next_step_depends_on(tmp_path):
     config = config_of(tmp_path / "run", tmp_path / "data")
     first = Run(config)
     first.step(), first.step()
-    first.state.tracking = {"run_id": "abc", "run_key": "k", "restarts": 0}
+    first.state.resumed_tracking = {"run_id": "abc", "run_key": "k", "restarts": 0}
     first.state.save()
     random.random(), torch.rand(3)  # draws after the save must not leak into the resumed run
     continued = [first.step(), first.step()]
@@ -88,7 +88,7 @@ def test_resume_restores_what_the_next_step_depends_on(tmp_path):
 
     second = Run(config)
     assert second.state.resume()
-    assert second.state.progress.step == 2 and second.state.tracking["run_id"] == "abc"
+    assert second.state.progress.step == 2 and second.state.resumed_tracking["run_id"] == "abc"
     assert [second.step(), second.step()] == continued  # the same batches, draws and weights
     assert all(torch.equal(weights[k], v) for k, v in second.engine.module.state_dict().items())
     assert all(torch.equal(a, b) for a, b in zip(first.ema.shadow, second.ema.shadow, strict=True))

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from diffusion_dist.codecs import PixelCodec, to_model_space
+from diffusion_dist.export import load_export
 from diffusion_dist.models import NoisyClassifier
 from diffusion_dist.train.checkpoint import committed_checkpoints, step_of
-from diffusion_dist.train.export import load_export
 from tests.conftest import ROOT
 from tests.fid_features import SPEC, DigitFeatures, digit_images
 from tests.test_train import ENV, overrides, train
@@ -61,7 +61,7 @@ def test_classifier_trains_with_accuracy_by_quartile_and_exports(classifier_run)
     assert last["step"] == 600 and {f"accuracy_q{q}" for q in range(4)} <= last.keys()
     assert last["accuracy_q0"] > last["accuracy_q3"]
     model, _, info = load_export(classifier_run)
-    assert isinstance(model, NoisyClassifier) and info["model"]["kind"] == "classifier"
+    assert isinstance(model, NoisyClassifier) and info.model.kind == "classifier"
     assert [step_of(c) for c in committed_checkpoints(classifier_run / "checkpoints")] == [600, 300]
 
 
@@ -69,7 +69,7 @@ def test_classifier_accuracy_on_noisy_latents_falls_with_t(classifier_run):
     """All 1797 digits, noised to q(z_t | z_0) at fixed t: near-perfect at small t, near chance at t = T−1."""
     model, diffusion, info = load_export(classifier_run)
     images, labels = digit_images()
-    x0 = to_model_space(PixelCodec().encode(images), info["codec"])
+    x0 = to_model_space(PixelCodec().encode(images), info.codec)
     accuracy = {}
     for t in (0, 200, 400, 600, 800, 999):
         eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))

@@ -50,9 +50,10 @@ def test_readme_states_the_convention_and_the_configs_values():
     assert "ε̃ = (1 + w)·ε_θ(z_t, c) − w·ε_θ(z_t, ∅)" in paragraph and "s = 1 + w" in paragraph
     stated = re.search(r"DiT-XL/2's best FID \(s = (\d+(?:\.\d+)?)\) is w = (\d+(?:\.\d+)?)", paragraph)
     assert stated and float(stated[1]) == pytest.approx(1 + float(stated[2]))
-    assert float(stated[2]) == yaml.safe_load((ROOT / "configs" / "imagenet256.yaml").read_text())["diffusion"][
-        "guidance_scale"
-    ]
+    assert (
+        float(stated[2])
+        == yaml.safe_load((ROOT / "configs" / "imagenet256.yaml").read_text())["diffusion"]["guidance_scale"]
+    )
     assert float(stated[2]) == EvalConfig().cfg_scale
     # Every DiT s quoted next to a w in the README agrees with s = 1 + w.
     pairs = re.findall(r"w = (\d+(?:\.\d+)?): DiT's s = (\d+(?:\.\d+)?)", readme)

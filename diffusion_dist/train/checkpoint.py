@@ -31,6 +31,7 @@ from ..distributed import all_ranks_agree, barrier, broadcast_from_rank0
 from ..export import ExportInfo
 from .ema import EMA
 from .engine import Engine
+from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 COMMIT, SHARED = "COMMITTED.json", "shared.pt"
@@ -99,8 +100,8 @@ def _verify(directory: Path) -> str | None:
 class TrainState:
     """The state of a run, saved by `save()` and restored by `resume()` on all ranks together.
 
-    Holds the progress counters and the MLflow run's record (`tracking`); reads and writes the
-    engine (weights, optimizer, LR schedule), the EMA, the data position and the RNG states.
+    Holds the progress counters; reads and writes the engine (weights, optimizer, LR schedule), the
+    EMA, the data position, the RNG states and the MLflow run's record (so a resumed job continues it).
     """
 
     def __init__(
@@ -117,8 +118,8 @@ class TrainState:
         self.rank, self.world_size = rank, world_size
         self.root = Path(config.run.dir) / "checkpoints"
         self.progress = Progress()
-        self.tracking: dict[str, Any] | None = None  # the MLflow run (Tracker.state_dict) saved with each step
-        self.saved_step = -1  # the step of the newest checkpoint on disk for this run
+        self.resumed_tracking: dict[str, Any] | None = None  # the MLflow run of the checkpoint resumed from
+        self.tracker: Tracker | None = None  # this run's: its state (run id, restarts) goes into every checkpoint
 
     def save(self) -> Path:
         """Write a checkpoint of the current step and commit it (a collective). Returns its directory."""
@@ -142,7 +143,6 @@ class TrainState:
             self._prune()
             log.info("step %d: checkpoint %s", step, directory)
         barrier()
-        self.saved_step = step
         return directory
 
     def resume(self, path: str | None = None, fresh: bool = False) -> bool:
@@ -179,14 +179,16 @@ class TrainState:
                 log.info("resumed from %s at step %d", directory, self.progress.step)
             return True
         if candidates:
-            raise TrainingAborted(f"no checkpoint in {self.root} could be loaded (see warnings); --no-resume starts over")
+            raise TrainingAborted(
+                f"no checkpoint in {self.root} could be loaded (see warnings); --no-resume starts over"
+            )
         return False
 
     def _shared_state(self) -> dict[str, Any]:
         shared = {
             "progress": asdict(self.progress),
             "config": to_dict(self.config),
-            "tracking": self.tracking,
+            "tracking": self.tracker.state_dict() if self.tracker else self.resumed_tracking,
             "export": self.export.to_dict(),
             "ema_layout": self.ema.layout(),
         }
@@ -211,8 +213,7 @@ class TrainState:
         random.setstate(_python_rng_state(per_rank["rng"]["python"]))
         if "cuda" in per_rank["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(per_rank["rng"]["cuda"])
-        self.tracking = shared.get("tracking") or {"restarts": 0}
-        self.saved_step = self.progress.step
+        self.resumed_tracking = shared.get("tracking") or {"restarts": 0}
 
     def _load_rank_state(self, directory: Path) -> dict[str, Any]:
         """This rank's state in `directory` (checked to come from a job of this world size)."""

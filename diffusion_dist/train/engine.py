@@ -197,6 +197,12 @@ class Engine:
             raise RuntimeError(f"DeepSpeed could not load {directory}")
 
 
+def deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
 def _matmul_module_classes(model: nn.Module) -> list[str]:
     """Import paths of the model's Linear and convolution classes, subclasses included."""
     matmuls = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

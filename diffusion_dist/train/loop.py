@@ -43,7 +43,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
     if rank == 0:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(config))
-    rank_seed = config.run.seed * world + rank  # per-rank seed (docs/architecture.md, "Randomness")
+    rank_seed = config.run.seed * world + rank  # per-rank seed (docs/architecture.md, "Randomness and determinism")
     random.seed(rank_seed)
     torch.manual_seed(config.run.seed)  # identical initial weights on every rank
 
@@ -77,8 +77,8 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
     export = ExportInfo.from_config(config, data.manifest, data.latent_shape)
     state = TrainState(config, engine, ema, data, export, rank, world)
     state.resume(resume, fresh)
-    tracker = start_tracking(config, process, data, num_parameters, state.tracking)
-    state.tracking = tracker.state_dict()
+    tracker = start_tracking(config, process, data, num_parameters, state.resumed_tracking)
+    state.tracker = tracker
     metrics = MetricsLog(run_dir, rank, objective.diffusion.num_timesteps, device, accuracy=not objective.generates)
     reports = Reports(config, process, export, tracker, metrics, ema, features, device, objective.generates)
 
@@ -129,26 +129,28 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
             reports.after_step(progress, engine.lr, engine.loss_scale)
             if keys_log:
                 keys_log.flush()
-            if preemption.agreed():
-                preemption.close()
-                state.save()
+            preempted = preemption.agreed()
+            if preempted or progress.step % config.checkpoint.every == 0 or progress.step == config.train.max_steps:
+                if preempted:
+                    preemption.close()
+                with metrics.paused():
+                    state.save()
+                    reports.after_save()
+            if preempted:
                 if rank == 0:
                     log.info("preempted: saved step %d, exiting with %d (requeue)", progress.step, REQUEUE_EXIT_CODE)
                 tracker.close("KILLED", min(10.0, config.tracking.flush_timeout))  # before SLURM's KillWait ends
                 barrier()  # ranks end together: launchers end the others when the first one exits
                 return REQUEUE_EXIT_CODE
-            if progress.step % config.checkpoint.every == 0 and progress.step < config.train.max_steps:
-                with metrics.paused():
-                    state.save()
 
-        # Save the final state (unless resumed from it) and the export.
-        if state.saved_step != progress.step:
-            state.save()
+        # The export of the final weights.
         weights, raw = ema.full_state_dict(), engine.full_weights()
         if rank == 0:
             tracking = {"experiment": config.tracking.experiment, "run_id": tracker.run_id} if tracker.run_id else None
             # launch.evaluate logs its results as a child of the training run the export names.
-            directory = write_export(run_dir / "export", weights, export.replace(step=progress.step, tracking=tracking), raw)
+            directory = write_export(
+                run_dir / "export", weights, export.replace(step=progress.step, tracking=tracking), raw
+            )
             tracker.log_artifacts(directory, "export")
             log.info("done: %d steps; export in %s", progress.step, directory)
         preemption.close()

@@ -27,8 +27,10 @@ from ..distributed import ProcessInfo, all_reduce_sum
 from ..evaluation import FeatureNet, TrainingFid, image_resolution, reference_statistics
 from ..export import ExportInfo
 from ..inference import Guidance, SampleGrid
+from ..pictures import plot_training_curves, save_png
 from .checkpoint import Progress
 from .ema import EMA
+from .engine import deepspeed_version
 from .tracking import Tracker, code_version, local_store, run_params, system_metrics, tracking_uri
 
 log = logging.getLogger("diffusion_dist.train")
@@ -151,19 +153,28 @@ class Reports:
             with self.metrics.paused():
                 self._evaluate_fid(step)
 
+    def after_save(self) -> None:
+        """Rank 0 draws the training curves so far into run.dir/plots/ and logs them to MLflow."""
+        if self.rank != 0:
+            return
+        try:
+            written = plot_training_curves(self.metrics.path, self.run_dir / "plots")
+        except Exception as e:  # noqa: BLE001 - a plot must never stop training (disk full, matplotlib)
+            log.warning("no training-curve plots: %s", e)
+            return
+        if written:
+            self.tracker.log_artifacts(self.run_dir / "plots", "plots")
+
     def _sample_grid(self, step: int) -> None:
-        """A guided grid from the EMA weights into run.dir/samples/ and MLflow (gathering is a collective under ZeRO-3)."""
+        """A guided grid of the EMA weights into run.dir/samples/ and MLflow (a collective under ZeRO-3)."""
         weights = self.ema.full_state_dict() if self.ema.partitioned or self.rank == 0 else None
         if self.grid is None:
             return
-        from PIL import Image
-
         started = time.perf_counter()
         path = self.run_dir / "samples" / f"step-{step:07d}.png"
         try:
             image = self.grid(weights)
-            path.parent.mkdir(exist_ok=True)
-            Image.fromarray(image).save(path)
+            save_png(path, image)
         except Exception as e:  # noqa: BLE001 - a grid must never stop training (out of memory, disk full)
             log.warning("step %d: no sample grid: %s", step, e)
             return
@@ -192,7 +203,6 @@ def start_tracking(
     restarts = resumed["restarts"] + 1 if resumed else 0
     if process.rank != 0 or not config.tracking.enabled:
         return Tracker.disabled(run_id, run_key, restarts)
-    import deepspeed
 
     manifest, commit = data.manifest, code_version()
     extra = {
@@ -202,7 +212,7 @@ def start_tracking(
         "dataset.num_samples": manifest["num_samples"],
         "world_size": process.world_size,
         "version.torch": torch.__version__,
-        "version.deepspeed": deepspeed.__version__,
+        "version.deepspeed": deepspeed_version(),
         "version.code": commit or "unknown",
     }
     tags = {"run_dir": str(Path(config.run.dir).resolve()), "mlflow.source.name": "launch.train"}
@@ -229,7 +239,7 @@ def start_tracking(
 
 def _grid_sampler(export: ExportInfo, config: Config, device: torch.device) -> SampleGrid | None:
     try:
-        return SampleGrid(export.to_dict(), device, seed=config.run.seed)
+        return SampleGrid(export, device, seed=config.run.seed)
     except Exception as e:  # noqa: BLE001 - e.g. the VAE cannot be loaded offline: train without grids
         log.warning("sample grids disabled: %s", e)
         return None
@@ -263,7 +273,7 @@ def _training_fid(
             time.perf_counter() - started,
         )
     return TrainingFid(
-        export.to_dict(),
+        export,
         features,
         stats,
         Guidance(evaluation.cfg_scale),
