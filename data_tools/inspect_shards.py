@@ -9,7 +9,6 @@ dtype, and finite values. Prints a summary and exits 1 on any mismatch.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -23,31 +22,19 @@ from tqdm.auto import tqdm
 from data_tools import progress_interval
 from diffusion_dist.codecs import codec_from_manifest
 from diffusion_dist.data.manifest import DatasetError, load_manifest
-from diffusion_dist.data.shards import decode_npy, iter_tar_samples
+from diffusion_dist.data.shards import decode_npy, shard_problems
 from diffusion_dist.data.storage import filesystem, join, read_bytes, redact_text, redact_url
 from diffusion_dist.pictures import BACKGROUND, row_labels, save_grid
 
 
 def check_shard(data: bytes, entry: dict[str, Any], manifest: dict[str, Any]) -> tuple[list[str], list[dict]]:
-    """Problems found in one shard's bytes, and its samples (decoded members)."""
-    problems = []
-    if len(data) != entry["bytes"]:
-        problems.append(f"{len(data)} bytes, manifest says {entry['bytes']}")
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        problems.append("sha256 differs from the manifest")
-    try:
-        samples = list(iter_tar_samples(data))
-    except Exception as e:  # noqa: BLE001 - any failure to parse is a finding, not a crash
-        return [*problems, f"not a readable tar: {e}"], []
-    if len(samples) != entry["samples"]:
-        problems.append(f"{len(samples)} samples, manifest says {entry['samples']}")
-    shape = tuple(manifest["latent"]["shape"])
+    """Problems found in one shard's bytes, and its samples: the loader's checks (shard_problems, plus
+    the sha256), then every latent's shape, dtype and values."""
     members = ["latent.npy"] + (["latent_flip.npy"] if manifest["latent"].get("flip") else [])
+    problems, samples = shard_problems(data, entry, members, check_hash=True)
+    shape = tuple(manifest["latent"]["shape"])
     for sample in samples:
-        for member in members:
-            if member not in sample:
-                problems.append(f"{sample['__key__']}: no {member}")
-                continue
+        for member in (m for m in members if m in sample):
             try:
                 array = decode_npy(sample[member])
             except ValueError as e:
@@ -56,7 +43,7 @@ def check_shard(data: bytes, entry: dict[str, Any], manifest: dict[str, Any]) ->
             if array.shape != shape or array.dtype != np.float16:
                 problems.append(
                     f"{sample['__key__']}: {member} is {array.dtype}{list(array.shape)}, "
-                    f"manifest says float16{list(shape)}"
+                    f"the manifest says float16{list(shape)}"
                 )
             elif not np.isfinite(array).all():
                 problems.append(f"{sample['__key__']}: {member} holds NaN or inf")

@@ -186,6 +186,7 @@ def test_slurm_array_variables_pick_the_part(monkeypatch):
     assert encode_latents.part_from_env(args) == (1, 2)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_bytes(tiny_vae, tmp_path):
     images = tmp_path / "images"
     write_digits(images)
@@ -417,7 +418,7 @@ def test_inspect_finds_non_finite_latents_and_wrong_counts(digits, tmp_path, cap
     capsys.readouterr()
     assert inspect_shards.main([str(out)]) == 1
     report = capsys.readouterr().out
-    assert "99 samples, manifest says 100" in report and "latent.npy holds NaN or inf" in report
+    assert "99 samples, the manifest says 100" in report and "latent.npy holds NaN or inf" in report
 
 
 def test_storage_options_typos_do_not_echo_secrets(capsys):

@@ -1,7 +1,7 @@
 """The dataset contract's manifest.json: what a dataset holds and how it was encoded.
 
-A dataset is a URL prefix holding manifest.json and tar shards (see DESIGN.md and
-shards.py for the samples). The manifest lists every shard with its sample count, byte size
+A dataset is a URL prefix holding manifest.json and tar shards (docs/contracts.md, "Dataset";
+shards.py writes and reads the samples). The manifest lists every shard with its sample count, byte size
 and sha256, the codec with its scaling, the latent shape and layout, and the labels.
 """
 

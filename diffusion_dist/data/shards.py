@@ -8,13 +8,17 @@ names are `<key>.<extension>`, as WebDataset groups them.
 
 from __future__ import annotations
 
+import hashlib
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import webdataset as wds
+from fsspec import AbstractFileSystem
 from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from .storage import join, read_bytes
 
 BLOCK = 512
 
@@ -148,6 +152,39 @@ def _pax_path(records: bytes) -> bytes | None:
             return value
         position += length
     return None
+
+
+def shard_problems(
+    data: bytes, entry: Mapping[str, Any], required: Sequence[str], check_hash: bool = False
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """What is wrong with a shard's bytes against its manifest entry ("bytes", "samples", and "sha256"
+    when check_hash), and the samples it holds: byte count, hash, tar structure, sample count, and
+    the `required` members of every sample. No problems: a shard the loader can use."""
+    problems = []
+    if len(data) != entry["bytes"]:
+        problems.append(f"{len(data)} bytes, the manifest says {entry['bytes']}")
+    if check_hash and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        problems.append("sha256 differs from the manifest")
+    try:
+        samples = parse_tar(data)
+    except CorruptShard as e:
+        return [*problems, f"not a readable tar: {e}"], []
+    if len(samples) != entry["samples"]:
+        problems.append(f"{len(samples)} samples, the manifest says {entry['samples']}")
+    for sample in samples:
+        problems += [f"{sample['__key__']}: no {member}" for member in required if member not in sample]
+    return problems, samples
+
+
+def read_shard(
+    fs: AbstractFileSystem, root: str, entry: Mapping[str, Any], required: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The samples of the manifest's shard `entry` under `root`, read in one GET (with retries) and
+    checked by shard_problems; CorruptShard names the first problem."""
+    problems, samples = shard_problems(read_bytes(fs, join(root, entry["name"])), entry, required)
+    if problems:
+        raise CorruptShard(problems[0])
+    return samples
 
 
 class NpyReader:

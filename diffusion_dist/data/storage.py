@@ -125,7 +125,7 @@ def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     def attempt() -> None:
         if is_local(fs):
             with atomic_file(path) as temporary:
-                temporary.write_bytes(data)
+                fs.pipe_file(str(temporary), data)
         else:
             fs.pipe_file(path, data)
 

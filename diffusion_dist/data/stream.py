@@ -49,8 +49,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .manifest import DatasetError, load_manifest
-from .shards import CorruptShard, NpyReader, parse_tar
-from .storage import filesystem, join, read_bytes, redact_text, redact_url
+from .shards import CorruptShard, NpyReader, read_shard
+from .storage import filesystem, join, redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -203,18 +203,14 @@ class SlotStream:
 
     def _read_shard(self, shard: int) -> list[dict[str, Any]]:
         """A shard's samples, checked against the manifest: bytes, sample count, required members."""
-        name = self.info.shard_names[shard]
-        data = read_bytes(self.fs, join(self.root, name))  # one GET for the whole shard
-        if len(data) != self.info.shard_bytes[shard]:
-            raise CorruptShard(f"{len(data)} bytes, the manifest says {self.info.shard_bytes[shard]}")
-        samples = parse_tar(data)
-        if len(samples) != self.info.shard_samples[shard]:
-            raise CorruptShard(f"{len(samples)} samples, the manifest says {self.info.shard_samples[shard]}")
-        required = ("latent.npy", "latent_flip.npy") if self.info.flip else ("latent.npy",)
-        for sample in samples:
-            if any(member not in sample for member in required):
-                raise CorruptShard(f"sample {sample['__key__']!r} lacks one of {required}")
-        return samples
+        entry = {
+            "name": self.info.shard_names[shard],
+            "bytes": self.info.shard_bytes[shard],
+            "samples": self.info.shard_samples[shard],
+        }
+        return read_shard(
+            self.fs, self.root, entry, ("latent.npy", "latent_flip.npy") if self.info.flip else ("latent.npy",)
+        )
 
     def _decode(self, epoch: int, batch: int, samples: list[dict[str, Any]]) -> LatentBatch:
         generator = torch.Generator().manual_seed(_seed(self.seed, epoch, self.slot, batch))

@@ -99,10 +99,6 @@ class GaussianDiffusion:
 
     # Forward process.
 
-    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of q(z_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 − ᾱ_t) I)  (Eq. 4)."""
-        return at_timestep(self.sqrt_alphas_cumprod, t, x0) * x0, at_timestep(1.0 - self.alphas_cumprod, t, x0)
-
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """z_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε  (Eq. 4, reparameterised)."""
         return (
