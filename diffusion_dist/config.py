@@ -89,6 +89,8 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = 5000  # steps between checkpoints
     keep: int = 3  # committed checkpoints to keep; the newest is never deleted
+    dir: str = ""  # where checkpoints go: any fsspec URL (s3://bucket/run); empty: run.dir/checkpoints
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for dir; secrets never logged
 
 
 @dataclass

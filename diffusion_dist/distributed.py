@@ -139,6 +139,17 @@ def gather_in_order(value: Any) -> list[Any] | None:
     return gathered
 
 
+def broadcast_tensor(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """Rank `src`'s tensor on every rank (the others pass one of the same shape and dtype; a collective).
+    Returned on the CPU; with NCCL it travels through the current GPU."""
+    if not distributed():
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    moved = tensor.to(device).contiguous()
+    dist.broadcast(moved, src=src)
+    return moved.cpu()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of `tensor` over all ranks, as a new tensor (a collective)."""
     total = tensor.clone()

@@ -1,8 +1,9 @@
 """python -m launch.export RUN_DIR [--checkpoint PATH] [--out DIR]
 
 Writes the inference export (EMA weights as safetensors + config JSON) from the newest
-committed checkpoint of a run, without DeepSpeed and without GPUs: under ZeRO-3 the EMA
-slices of every rank are reassembled.
+committed checkpoint of a run (or the one named), without DeepSpeed and without GPUs. Every
+file read is checked against the checkpoint's commit; checkpoints hold the full EMA, and those
+written before format 2 under ZeRO-3 have their per-rank slices reassembled.
 """
 
 from __future__ import annotations
@@ -10,40 +11,39 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffusion_dist.export import ExportInfo, write_export
-from diffusion_dist.train.checkpoint import SHARED, committed_checkpoints, load_state, rank_file
-from diffusion_dist.train.ema import assemble
-
-
-def export_checkpoint(directory: Path, out: Path) -> Path:
-    shared = load_state(directory / SHARED)
-    layout = shared["ema_layout"]
-    if layout["partitioned"]:
-        ranks = len(list(directory.glob("rank-*.pt")))
-        states = [load_state(rank_file(directory, r))["ema"] for r in range(ranks)]
-    else:
-        states = [shared["ema"]]
-    info = ExportInfo.from_dict(shared["export"]).replace(step=shared["progress"]["step"])
-    return write_export(out, assemble(layout, states), info)
+from diffusion_dist.data.storage import redact_text
+from diffusion_dist.export import write_export
+from diffusion_dist.train.checkpoint import read_export_weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
-    parser.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the newest committed)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a checkpoint, <checkpoint dir>/step-<N> (default: the newest committed one in RUN_DIR/checkpoints)",
+    )
     parser.add_argument("--out", default=None, help="default: RUN_DIR/export")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     run_dir = Path(args.run_dir)
-    checkpoints = [Path(args.checkpoint)] if args.checkpoint else committed_checkpoints(run_dir / "checkpoints")
-    if not checkpoints:
-        print(f"error: {run_dir / 'checkpoints'} holds no committed checkpoint", file=sys.stderr)
+    url, step = str(run_dir / "checkpoints"), None
+    if args.checkpoint:
+        url, _, name = args.checkpoint.rstrip("/").rpartition("/")
+        step = int(name.removeprefix("step-")) if name.removeprefix("step-").isdigit() else -1
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            weights, info = read_export_weights(url or ".", step, scratch=Path(scratch))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
-    out = export_checkpoint(checkpoints[0], Path(args.out) if args.out else run_dir / "export")
-    print(f"exported {checkpoints[0]} to {out}", file=sys.stderr)
+    out = write_export(Path(args.out) if args.out else run_dir / "export", weights, info)
+    print(f"exported step {info.step} of {url} to {out}", file=sys.stderr)
     return 0
 
 

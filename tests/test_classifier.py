@@ -17,7 +17,7 @@ import torch
 from diffusion_dist.codecs import PixelCodec, to_model_space
 from diffusion_dist.export import load_export
 from diffusion_dist.models import NoisyClassifier
-from diffusion_dist.train.checkpoint import committed_checkpoints, step_of
+from diffusion_dist.train.checkpoint import committed_steps
 from tests.conftest import ROOT
 from tests.fid_features import SPEC, DigitFeatures, digit_images
 from tests.test_train import ENV, overrides, train
@@ -62,7 +62,7 @@ def test_classifier_trains_with_accuracy_by_quartile_and_exports(classifier_run)
     assert last["accuracy_q0"] > last["accuracy_q3"]
     model, _, info = load_export(classifier_run)
     assert isinstance(model, NoisyClassifier) and info.model.kind == "classifier"
-    assert [step_of(c) for c in committed_checkpoints(classifier_run / "checkpoints")] == [600, 300]
+    assert committed_steps(str(classifier_run / "checkpoints")) == [600, 300]
 
 
 def test_classifier_accuracy_on_noisy_latents_falls_with_t(classifier_run):

@@ -84,3 +84,22 @@ def test_an_old_checkpoint_resumes_and_exports(old_run, digits_latents, tmp_path
     assert exported.returncode == 0, exported.stderr
     _, _, info = load_export(tmp_path / "export")
     assert info.step == 2
+
+
+@pytest.mark.slow
+def test_an_old_checkpoint_with_a_pickle_payload_is_refused(old_run, digits_latents, tmp_path):
+    """A DeepSpeed file whose pickle would run code: refused before DeepSpeed unpickles it (a size
+    that matches the commit marker does not help)."""
+    from tests.test_checkpoint import Payload
+
+    directory = old_run / "checkpoints" / "step-2"
+    marker = tmp_path / "pwned"
+    torch.save({"module": {}, "payload": Payload(marker)}, directory / "mp_rank_00_model_states.pt")
+    commit = json.loads((directory / "COMMITTED.json").read_text())
+    commit["files"]["mp_rank_00_model_states.pt"] = (directory / "mp_rank_00_model_states.pt").stat().st_size
+    (directory / "COMMITTED.json").write_text(json.dumps(commit))
+    args = [f"run.dir={old_run}", f"data.url={digits_latents}", "data.num_workers=0", "train.global_batch_size=8"]
+    args += ["train.micro_batch_size=8", "train.max_steps=4", "tracking.enabled=false", "tracking.sample_every=0"]
+    refused = train(args, ranks=1)
+    assert refused.returncode == 1 and "holds objects beyond tensors and plain data" in refused.stderr, refused.stderr
+    assert not marker.exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusion_dist.train.checkpoint import committed_checkpoints, step_of
+from diffusion_dist.train import checkpoint
 from tests.conftest import ROOT, require_service
 from tests.test_tracking import experiment_runs, metric_steps, wait_until
 from tests.test_train import ENV, metrics, overrides
@@ -104,7 +104,7 @@ def sbatch_train(slurm: Cluster, log: Path, args: list[str], tracking_uri: str) 
 
 
 def committed_steps(run_dir: Path) -> list[int]:
-    return sorted(step_of(d) for d in committed_checkpoints(run_dir / "checkpoints"))
+    return sorted(checkpoint.committed_steps(str(run_dir / "checkpoints")))
 
 
 def test_train_sh_runs_one_rank_per_node(slurm, digits_latents, mlflow_server, tmp_path):

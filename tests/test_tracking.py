@@ -350,8 +350,9 @@ def test_resume_after_kill_continues_the_same_run(mlflow_server, digits_latents,
     (run,) = experiment_runs(client, experiment)  # the same run, no second one
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     assert run.data.tags["restarts"] == "1"
-    shared = torch.load(tmp_path / "checkpoints" / "step-40" / "shared.pt", weights_only=True)
-    assert shared["tracking"]["run_id"] == run.info.run_id and shared["tracking"]["restarts"] == 1
+    commit = json.loads((tmp_path / "checkpoints" / "step-40.commit.json").read_text())
+    saved = json.loads((tmp_path / "checkpoints" / "step-40" / commit["attempt"] / "state.json").read_text())
+    assert saved["tracking"]["run_id"] == run.info.run_id and saved["tracking"]["restarts"] == 1
     history = client.get_metric_history(run.info.run_id, "loss")
     assert {m.step for m in history} == set(range(5, 41, 5))
     # The restart resumed from the step-20 checkpoint: it logged from step 25 on.

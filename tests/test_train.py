@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffusion_dist.train.checkpoint import committed_steps
 from tests.conftest import ROOT, free_port
 from tests.latent_data import write_dataset
 
@@ -217,24 +218,28 @@ def test_ema_under_zero3_equals_ema_of_gathered_weights(tmp_path):
     assert result.returncode == 0 and "EMA ZeRO-3 matches" in result.stdout, result.stdout + result.stderr
 
 
+def attempt_dir(checkpoints: Path, step: int) -> Path:
+    """The directory of step's committed save attempt (train/store.py's layout)."""
+    return checkpoints / f"step-{step}" / json.loads((checkpoints / f"step-{step}.commit.json").read_text())["attempt"]
+
+
 def test_checkpoint_selection_skips_partial_and_corrupt_ones(digits_latents, tmp_path):
     args = overrides(tmp_path, digits_latents, train__max_steps=15, checkpoint__every=5, checkpoint__keep=3)
     assert train(args).returncode == 0
     checkpoints = tmp_path / "checkpoints"
-    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-10", "step-15", "step-5"]
-    (checkpoints / "step-15" / "COMMITTED.json").unlink()  # as if killed while saving
-    damaged = checkpoints / "step-10" / "rank-00001.pt"
+    assert committed_steps(str(checkpoints)) == [15, 10, 5]
+    (checkpoints / "step-15.commit.json").unlink()  # as if killed before the commit
+    damaged = attempt_dir(checkpoints, 10) / "tensors-00001.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:100])  # damaged since it was committed
-    (checkpoints / "latest").write_text("step-15")  # a stale DeepSpeed pointer is not followed
+    (checkpoints / "latest").write_text("step-15")  # no pointer is followed
 
     result = train(overrides(tmp_path, digits_latents, train__max_steps=20, checkpoint__every=5, checkpoint__keep=2))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "ignoring checkpoint" in result.stderr and "no commit marker" in result.stderr
-    assert "rank-00001.pt has 100 bytes" in result.stderr
+    assert "cannot read checkpoint step-10" in result.stderr and "has 100 bytes, the commit says" in result.stderr
     assert "step-5 at step 5" in result.stderr
-    # keep-last-2 of the committed ones: the damaged and partial ones are gone or superseded.
-    committed = sorted(p.name for p in checkpoints.glob("step-*") if (p / "COMMITTED.json").exists())
-    assert committed == ["step-15", "step-20"]
+    # keep-last-2 of the committed ones: the damaged one is pruned, the uncommitted one overwritten by a new attempt.
+    assert committed_steps(str(checkpoints)) == [20, 15]
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step-15", "step-20"]
 
 
 def test_a_model_change_is_refused_on_resume(digits_latents, tmp_path):
@@ -257,9 +262,9 @@ def test_preemption_saves_on_all_ranks_and_exits_for_requeue(digits_latents, tmp
         worker.send_signal(signal.SIGUSR1)
     output, _ = process.communicate(timeout=120)
     assert "exitcode  : 75" in output or "exitcode: 75" in output, output
-    saved = [p for p in (tmp_path / "checkpoints").glob("step-*") if (p / "COMMITTED.json").exists()]
-    assert len(saved) == 1 and {f.name for f in saved[0].glob("rank-*.pt")} == {"rank-00000.pt", "rank-00001.pt"}
-    step = int(saved[0].name.removeprefix("step-"))
+    (step,) = committed_steps(str(tmp_path / "checkpoints"))
+    files = {f.name for f in attempt_dir(tmp_path / "checkpoints", step).iterdir()}
+    assert files == {"state.json", "tensors-00000.safetensors", "tensors-00001.safetensors"}
 
     resumed = train(overrides(tmp_path, digits_latents, train__max_steps=step + 3))
     assert resumed.returncode == 0 and f"at step {step}" in resumed.stderr, resumed.stderr
@@ -375,8 +380,8 @@ def test_bf16_keeps_fp32_weights_and_resumes_bit_identically(digits_latents, tmp
 
 def test_ranks_fall_back_together_when_one_ranks_state_is_damaged(digits_latents, tmp_path):
     assert train(overrides(tmp_path, digits_latents, train__max_steps=10, checkpoint__every=5)).returncode == 0
-    damaged = tmp_path / "checkpoints" / "step-10" / "rank-00001.pt"
-    damaged.write_bytes(b"\0" * damaged.stat().st_size)  # same size: the commit marker cannot tell
+    damaged = attempt_dir(tmp_path / "checkpoints", 10) / "tensors-00001.safetensors"
+    damaged.write_bytes(b"\0" * damaged.stat().st_size)  # same size: only the commit's sha256 tells
     result = train(overrides(tmp_path, digits_latents, train__max_steps=12, checkpoint__every=5))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -388,6 +393,6 @@ def test_no_resume_sets_old_checkpoints_aside(digits_latents, tmp_path):
     assert train(overrides(tmp_path, digits_latents, train__max_steps=20, **args), ranks=0).returncode == 0
     fresh = train(overrides(tmp_path, digits_latents, train__max_steps=10, **args) + ["--no-resume"], ranks=0)
     assert fresh.returncode == 0, fresh.stderr
-    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-10"]
+    assert committed_steps(str(tmp_path / "checkpoints")) == [10]
     (aside,) = tmp_path.glob("checkpoints.before-*")
-    assert [p.name for p in aside.glob("step-*")] == ["step-20"]
+    assert committed_steps(str(aside)) == [20]

@@ -49,14 +49,28 @@ class EMA:
         self.updates += 1
 
     @torch.no_grad()
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Name -> full fp32 tensor on every rank (gathers the slices under ZeRO-3; a collective)."""
+    def full_tensor(self, index: int) -> torch.Tensor:
+        """Parameter `index`'s average as a full fp32 tensor on every rank (gathers its slices under
+        ZeRO-3: a collective)."""
+        local, shape = self.shadow[index], self.shapes[index]
         if not self.partitioned:
-            return {name: t.clone() for name, t in zip(self.names, self.shadow, strict=True)}
-        return {
-            name: all_gather_cat(local)[: shape.numel()].view(shape).clone()
-            for name, local, shape in zip(self.names, self.shadow, self.shapes, strict=True)
-        }
+            return local.clone()
+        return all_gather_cat(local)[: shape.numel()].view(shape).clone()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Name -> full fp32 tensor on every rank (a collective under ZeRO-3)."""
+        return {name: self.full_tensor(i) for i, name in enumerate(self.names)}
+
+    @torch.no_grad()
+    def load_full_tensor(self, index: int, full: torch.Tensor, rank: int = 0) -> None:
+        """Set parameter `index`'s average from its full tensor: all of it, or under ZeRO-3 this rank's
+        slice (the flattened tensor zero-padded to a whole number of slices, as ZeRO-3 cuts it)."""
+        local = self.shadow[index]
+        flat = full.detach().float().flatten()
+        if self.partitioned:
+            piece = flat[local.numel() * rank : local.numel() * (rank + 1)]
+            flat = torch.nn.functional.pad(piece, (0, local.numel() - piece.numel()))
+        local.copy_(flat.view_as(local))
 
     def layout(self) -> dict[str, Any]:
         """Names and full shapes, to reassemble the slices of every rank offline (launch.export)."""

@@ -8,6 +8,7 @@ This is the only module that imports DeepSpeed or reads its internals. The loop 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,13 @@ def lr_lambda(config: Config):
     return factor
 
 
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file that would run code or build arbitrary objects when unpickled."""
+
+
 @dataclass
 class StepResult:
     """What one optimizer step did."""
@@ -108,6 +116,7 @@ class Engine:
         if config.train.compile:
             self._ds.compile()  # module.compile(): in place, so parameter names and checkpoints stay the eager ones
         self.module: nn.Module = self._ds.module
+        self.device, self.rank, self.world_size = device, self._ds.global_rank, world_size
         self.accumulation = self._ds.gradient_accumulation_steps()
         self.zero_stage = config.train.zero_stage
         self.grad_clip = config.train.grad_clip
@@ -185,13 +194,139 @@ class Engine:
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
             return {name: p.detach().float().clone() for name, p in params.items()}
 
-    def save(self, directory: Path) -> None:
-        """DeepSpeed's files for this step (module, optimizer partitions, LR schedule) into `directory`
-        (a collective). Its `latest` pointer is never written."""
-        self._ds.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+    # The training state as plain tensors, whatever the ZeRO stage and world size: what checkpoints hold.
 
-    def load(self, directory: Path) -> None:
-        """The state `save` wrote into `directory` (a collective)."""
+    @torch.no_grad()
+    def consolidated(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """(name, {"weight", "exp_avg", "exp_avg_sq"}) per parameter in module order: the fp32 master
+        weight and AdamW's moments as full CPU tensors on every rank (under ZeRO a collective per
+        parameter: each rank contributes its partition). Zero moments before the first step."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        started = bool(self._optimizer().state)
+        for name, p in self.module.named_parameters():
+            shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
+            if self.zero_stage == 0:
+                state = self._optimizer().state.get(p, {})
+                tensors = {"weight": p.detach()} | {key: state[key] for key in MOMENTS if key in state}
+            else:
+                tensors = {"weight": safe_get_full_fp32_param(p)}
+                if started:
+                    tensors |= {key: safe_get_full_optimizer_state(p, key) for key in MOMENTS}
+            yield (
+                name,
+                {
+                    key: tensors[key].detach().float().cpu().reshape(shape).clone()
+                    if key in tensors
+                    else torch.zeros(shape)
+                    for key in ("weight", *MOMENTS)
+                },
+            )
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """What AdamW and the LR schedule hold besides per-parameter tensors: the update count and the
+        schedule's position (plain data)."""
+        states = list(self._optimizer().state.values())
+        schedule = self._ds.lr_scheduler.state_dict()
+        return {
+            "steps": int(states[0]["step"]) if states else 0,
+            "lr_schedule": {"last_epoch": schedule["last_epoch"], "step_count": schedule["_step_count"]},
+        }
+
+    @torch.no_grad()
+    def load_consolidated(
+        self, tensors: Iterable[tuple[str, dict[str, torch.Tensor]]], optimizer: dict[str, Any]
+    ) -> None:
+        """Set weights, moments, update count and LR schedule from what `consolidated` and
+        `optimizer_state` returned, possibly on another world size or ZeRO stage. `tensors` comes in
+        module order, one parameter at a time, with full tensors on every rank; each rank keeps its
+        partition."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        self._materialize_optimizer_state()
+        for (name, p), (saved_name, saved) in zip(self.module.named_parameters(), tensors, strict=True):
+            if saved_name != name:
+                raise ValueError(f"the checkpoint has parameter {saved_name!r} where the model has {name!r}")
+            saved = {key: value.to(self.device) for key, value in saved.items()}
+            if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's slice of the flattened parameter, zero-padded
+                local = p.ds_tensor
+                piece = saved["weight"].flatten()[local.numel() * self.rank : local.numel() * (self.rank + 1)]
+                local.copy_(torch.nn.functional.pad(piece, (0, local.numel() - piece.numel())))
+            else:
+                p.data.copy_(saved["weight"].view_as(p))
+            if self.zero_stage == 0:
+                state = self._optimizer().state[p]
+                for key in MOMENTS:
+                    state[key].copy_(saved[key].view_as(p))
+            else:
+                safe_set_full_fp32_param(p, saved["weight"])
+                for key in MOMENTS:
+                    safe_set_full_optimizer_state(p, saved[key], key)
+        for state in self._optimizer().state.values():
+            state["step"].fill_(optimizer["steps"])
+        schedule = self._ds.lr_scheduler
+        schedule.last_epoch, schedule._step_count = (
+            optimizer["lr_schedule"]["last_epoch"],
+            optimizer["lr_schedule"]["step_count"],
+        )
+        for group, lr in zip(self._optimizer().param_groups, schedule.get_lr(), strict=True):
+            group["lr"] = lr
+        schedule._last_lr = [group["lr"] for group in self._optimizer().param_groups]
+        self._ds.global_steps = optimizer["steps"]
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """torch's AdamW: the engine's own without ZeRO; under ZeRO the one DeepSpeed steps over its
+        flat fp32 partitions (the client optimizer, regrouped)."""
+        return self._ds.optimizer if self.zero_stage == 0 else self._ds.optimizer.optimizer
+
+    @torch.no_grad()
+    def _materialize_optimizer_state(self) -> None:
+        """AdamW creates its moments at its first step: take one with zero gradients and a zero learning
+        rate and weight decay (weights unchanged, moments zero), so that loading has states to fill."""
+        optimizer = self._optimizer()
+        if not optimizer.state:
+            saved = [(group["lr"], group["weight_decay"]) for group in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["lr"], group["weight_decay"] = 0.0, 0.0
+            for group_index, params in self._optimizer_param_groups():
+                kept = optimizer.param_groups[group_index]["params"]
+                optimizer.param_groups[group_index]["params"] = params
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+                optimizer.step()
+                for p in params:
+                    p.grad = None
+                optimizer.param_groups[group_index]["params"] = kept
+            for group, (lr, weight_decay) in zip(optimizer.param_groups, saved, strict=True):
+                group["lr"], group["weight_decay"] = lr, weight_decay
+        if hasattr(self._ds.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link fragments lazily
+            self._ds.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def _optimizer_param_groups(self) -> list[tuple[int, list[torch.Tensor]]]:
+        """(param group, the tensors AdamW updates for it): ZeRO-3 swaps its flat fp32 sub-groups into the
+        group one at a time (stage3._optimizer_step); the other stages keep them in place."""
+        if self.zero_stage == 3:
+            ds = self._ds.optimizer
+            return [(ds.sub_group_to_group_id[i], [flat]) for i, flat in enumerate(ds.fp32_partitioned_groups_flat)]
+        return [(i, list(group["params"])) for i, group in enumerate(self._optimizer().param_groups)]
+
+    def load_legacy(self, directory: Path) -> None:
+        """DeepSpeed's own files of a checkpoint written before format 2 (same world size and ZeRO stage
+        only; a collective). Each file is first read with weights_only=True, so one that carries any
+        other object than tensors and DeepSpeed's three plain records is refused before DeepSpeed unpickles it."""
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed = [LossScaler, ZeroStageEnum, fragment_address]
+        for path in sorted(directory.glob("*.pt")):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any object beyond tensors and plain data
+                raise UnsafeCheckpoint(
+                    f"{path} holds objects beyond tensors and plain data; not loading it ({e})"
+                ) from None
         path, _ = self._ds.load_checkpoint(str(directory.parent), tag=directory.name)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {directory}")

@@ -143,7 +143,9 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
                 barrier()  # ranks end together: launchers end the others when the first one exits
                 return REQUEUE_EXIT_CODE
 
-        # The export of the final weights.
+        # The final state in this run's store (unless resumed from it there), and the export.
+        if state.saved_step != progress.step:
+            state.save()
         weights, raw = ema.full_state_dict(), engine.full_weights()
         if rank == 0:
             tracking = {"experiment": config.tracking.experiment, "run_id": tracker.run_id} if tracker.run_id else None

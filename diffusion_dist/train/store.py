@@ -29,7 +29,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
@@ -221,13 +221,14 @@ class CheckpointStore:
                 temporary.unlink(missing_ok=True)
         return Path(local_dir)
 
-    def prune(self, keep: int) -> list[str]:
+    def prune(self, keep: int, protect: Collection[int] = ()) -> list[str]:
         """Keep the newest `keep` commits (at least one); delete older steps and uncommitted attempts.
 
         Deleted: the commits and prefixes of older committed steps, the attempts that lost a kept
         step's commit, and steps without a commit that are older than the newest commit (killed
-        saves). Nothing newer than the newest commit is touched: a save may be in flight. Returns
-        the deleted names, relative to the store.
+        saves), except the `protect`ed steps (checkpoints of another format the caller manages).
+        Nothing newer than the newest commit is touched: a save may be in flight. Returns the
+        deleted names, relative to the store.
         """
         commits, prefixes = self._top_level()
         if not commits:
@@ -239,7 +240,7 @@ class CheckpointStore:
             # The commit goes first: a step never counts as committed while its files are vanishing.
             deleted += self._delete(self._commit_path(step), recursive=False)
             deleted += self._delete(self._step(step), recursive=True)
-        for step in prefixes - set(commits):
+        for step in prefixes - set(commits) - set(protect):
             if step < newest[0]:
                 deleted += self._delete(self._step(step), recursive=True)
         for step in kept:
