@@ -273,6 +273,10 @@ class Engine:
             group["lr"] = lr
         schedule._last_lr = [group["lr"] for group in self._optimizer().param_groups]
         self._ds.global_steps = optimizer["steps"]
+        if hasattr(self._ds.optimizer, "checkpoint_event_epilogue"):
+            # ZeRO-3 regathers the parameters it keeps whole (small ones) from the new partitions, as
+            # after an optimizer step; otherwise the first forward would gather them another way.
+            self._ds.optimizer.checkpoint_event_epilogue()
 
     def _optimizer(self) -> torch.optim.Optimizer:
         """torch's AdamW: the engine's own without ZeRO; under ZeRO the one DeepSpeed steps over its
