@@ -6,10 +6,15 @@ times out (run.collective_timeout_s). With more than one rank, every rank runs a
 daemon thread that once a second all-reduces a tiny status on a gloo group of its own (a process
 group is driven from one thread only: the preemption flag has `cpu_group()`). A rank whose training
 raises marks itself failed; the next round carries the mark and the ranks' reasons (one line each)
-to every rank, whose watchdog logs "rank R failed: <reason>" and ends its process with
-PEER_FAILED_EXIT_CODE even while its main thread is blocked in a collective. A rank that dies
-(its connections close) or freezes (no heartbeat within run.heartbeat_timeout_s) ends the others
-the same way.
+to every rank, whose watchdog logs "rank R failed: <reason>", waits for that rank's process to end
+(launchers then name it first: torchrun's "root cause"), and ends its own with PEER_FAILED_EXIT_CODE.
+A rank that dies (its connections close) or freezes (no heartbeat within run.heartbeat_timeout_s)
+ends the others the same way.
+
+Ending a process whose main thread is blocked in a collective: neither a gloo nor an NCCL call can
+be interrupted from another thread, so the watchdog kills this rank's children (data-loader
+workers) and calls os._exit. The failing rank itself exits through its main thread, with its
+traceback; faulthandler ends it if that exit hangs (EXIT_DEADLINE_S).
 
 Exit codes: the failing rank keeps its own (launch.train: 2 bad data, 1 any other error); the
 others exit 1, the lowest failure code, so that srun, which returns its tasks' highest code, reports
@@ -58,6 +63,7 @@ class Watchdog:
         self._closing = threading.Event()
         self._wake = threading.Event()
         self._heard = threading.Event()  # the others know of this rank's failure, or cannot be told
+        self._ending = threading.Event()  # another rank failed: this process is being ended
         self._thread: threading.Thread | None = None
         if world_size > 1:
             self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
@@ -72,9 +78,17 @@ class Watchdog:
         """
         if self._thread is None or self._reason is not None:
             return
+        if self._ending.is_set():
+            # Another rank failed or died first, and this error is its echo (a collective lost that
+            # rank): the watchdog thread is ending this process.
+            self._thread.join()
+            return
         self._reason = describe(error)
         self._wake.set()  # the next round now, not after the interval
         self._heard.wait(NOTICE_WAIT_S)
+        if self._ending.is_set():  # the heartbeat broke too: the watchdog thread ends this process
+            self._thread.join()
+            return
         faulthandler.dump_traceback_later(EXIT_DEADLINE_S, exit=True)
 
     def close(self) -> None:
@@ -89,25 +103,46 @@ class Watchdog:
 
     def _run(self) -> None:
         try:
-            while True:
-                reason = self._reason
-                # [any rank failed, any rank still running]: MAX over ranks.
-                status = torch.tensor([reason is not None, not self._closing.is_set()], dtype=torch.int32)
-                dist.all_reduce(status, op=dist.ReduceOp.MAX, group=self._group)
-                if status[0]:
-                    failed = self._exchange_reasons(reason)
-                    if reason is None:
-                        self._end("; ".join(f"rank {r} failed: {why}" for r, why in failed.items()))
-                    return
-                if not status[1]:
-                    return  # every rank closed: the job ended normally
-                self._wake.wait(self.interval_s)
-                self._wake.clear()
-        except Exception as e:  # a peer's connection closed (it died), or no heartbeat within the timeout
-            if self._reason is None and not self._closing.is_set():
-                self._end(f"lost the heartbeat of another rank, which died or froze ({_first_line(e)})")
-        finally:
+            failed = self._beat()
+        except Exception as e:  # a rank's connection closed (it died), or no heartbeat within the timeout
+            if self._closing.is_set():
+                self._heard.set()
+                return
+            # This rank's own error, if it has one, is likely the echo of the same loss: end here too.
+            self._ending.set()
             self._heard.set()
+            own = f"; this rank had failed too: {self._reason}" if self._reason else ""
+            log.error(
+                "lost the heartbeat of another rank, which died or froze (%s)%s; ending rank %d with exit code %d",
+                _first_line(e),
+                own,
+                self.rank,
+                PEER_FAILED_EXIT_CODE,
+            )
+            end_process(PEER_FAILED_EXIT_CODE)
+        if failed and self.rank not in failed:
+            self._ending.set()  # before _heard: a failure of this rank's own now is an echo
+        self._heard.set()
+        if not self._ending.is_set():
+            return  # every rank closed; or this rank failed, and its main thread exits with its error
+        reasons = "; ".join(f"rank {r} failed: {why}" for r, why in failed.items())
+        log.error("%s; ending rank %d with exit code %d", reasons, self.rank, PEER_FAILED_EXIT_CODE)
+        self._await_exit_of_failed_ranks()
+        end_process(PEER_FAILED_EXIT_CODE)
+
+    def _beat(self) -> dict[int, str]:
+        """Heartbeats until every rank closed ({}) or some rank failed (their reasons, by rank)."""
+        while True:
+            reason = self._reason
+            # [any rank failed, any rank still running]: MAX over ranks.
+            status = torch.tensor([reason is not None, not self._closing.is_set()], dtype=torch.int32)
+            dist.all_reduce(status, op=dist.ReduceOp.MAX, group=self._group)
+            if status[0]:
+                return self._exchange_reasons(reason)
+            if not status[1]:
+                return {}
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
 
     def _exchange_reasons(self, reason: str | None) -> dict[int, str]:
         """Every failed rank's reason, by rank (an all-gather on the watchdog's group)."""
@@ -120,9 +155,13 @@ class Watchdog:
         texts = {r: bytes(p.tolist()).rstrip(b"\0").decode(errors="replace") for r, p in enumerate(pieces)}
         return {r: text for r, text in texts.items() if text}
 
-    def _end(self, message: str) -> None:
-        log.error("%s; ending rank %d with exit code %d", message, self.rank, PEER_FAILED_EXIT_CODE)
-        end_process(PEER_FAILED_EXIT_CODE)
+    def _await_exit_of_failed_ranks(self) -> None:
+        """Wait until the failed ranks have exited (bounded by their exit deadline and the heartbeat timeout),
+        so that launchers see them end first: torchrun names the first rank to exit as the root cause."""
+        try:
+            dist.all_reduce(torch.zeros(1), group=self._group)  # a round the failed ranks never join
+        except Exception:
+            pass  # their connections closed, or the timeout passed
 
 
 def fail(error: BaseException) -> None:
