@@ -32,6 +32,13 @@ class RunConfig:
     name: str = ""  # display name (MLflow run name); empty: the basename of dir
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])  # save, exit 75 (requeue)
     log_sample_keys: bool = False  # write each rank's consumed sample keys to run.dir/logs (audits, tests)
+    # Seconds a collective may wait for the slowest rank before it fails: long enough for every
+    # rank to wait at a barrier while another saves a large model's checkpoint to slow storage.
+    collective_timeout_s: float = 1800.0
+    # Seconds without a heartbeat from another rank (a frozen or unreachable process) before every
+    # rank stops with exit code 1 (train/watchdog.py; multi-rank runs only). A rank that raises or
+    # dies is noticed within seconds regardless.
+    heartbeat_timeout_s: float = 60.0
 
 
 @dataclass
@@ -240,6 +247,8 @@ def validate(config: Config, world_size: int = 1) -> None:
     check(train.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
     for name in config.run.preempt_signals:
         check(hasattr(signal, name), "run.preempt_signals", f"{name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
+    check(run.collective_timeout_s > 0, "run.collective_timeout_s", "must be > 0 seconds")
+    check(run.heartbeat_timeout_s >= 10, "run.heartbeat_timeout_s", "must be >= 10 seconds (heartbeats are 1 s apart)")
     check(config.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
     check(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     check(config.tracking.log_every >= 1, "tracking.log_every", "must be >= 1")

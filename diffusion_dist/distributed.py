@@ -13,6 +13,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -74,8 +75,16 @@ def first_host(nodelist: str) -> str:
     return prefix + first
 
 
-def init_process_group(process: ProcessInfo, device: torch.device) -> None:
-    """Join the job's process group: NCCL on GPUs, gloo on CPU (DeepSpeed adopts it as it is)."""
+def init_process_group(process: ProcessInfo, device: torch.device, timeout_s: float | None = None) -> None:
+    """Join the job's process group: NCCL on GPUs, gloo on CPU (DeepSpeed adopts it as it is).
+
+    `timeout_s` bounds every collective of the default group and of cpu_group() (torch's default:
+    30 min for gloo, 10 min for NCCL); NCCL turns an expired one into an error only with
+    TORCH_NCCL_ASYNC_ERROR_HANDLING set (slurm/train.sh sets it).
+    """
+    global _TIMEOUT
+    if timeout_s is not None:
+        _TIMEOUT = timedelta(seconds=timeout_s)
     os.environ.update(
         RANK=str(process.rank),
         WORLD_SIZE=str(process.world_size),
@@ -85,7 +94,7 @@ def init_process_group(process: ProcessInfo, device: torch.device) -> None:
     )
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=process.rank, world_size=process.world_size)
+        dist.init_process_group(backend, rank=process.rank, world_size=process.world_size, timeout=_TIMEOUT)
 
 
 def distributed() -> bool:
@@ -168,6 +177,7 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 _CPU_GROUP: Any = None
+_TIMEOUT: timedelta | None = None  # init_process_group's timeout_s; None: torch's default
 
 
 def cpu_group() -> Any:
@@ -175,7 +185,7 @@ def cpu_group() -> Any:
     (made at the first call, which is a collective: every rank must make it at the same point)."""
     global _CPU_GROUP
     if _CPU_GROUP is None:
-        _CPU_GROUP = dist.new_group(backend="gloo")
+        _CPU_GROUP = dist.new_group(backend="gloo", timeout=_TIMEOUT)
     return _CPU_GROUP
 
 

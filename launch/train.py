@@ -2,7 +2,11 @@
 
 Runs as one process, or under torchrun, srun or the deepspeed launcher (one process per
 GPU). Exit codes: 0 done; 75 preempted after saving a checkpoint (requeue me); 2 bad
-config or data, before training starts; 1 training failed.
+config or data, before training starts; 1 training failed, on this rank or on another one.
+
+With more than one rank, a rank that fails tells the others (diffusion_dist/train/watchdog.py):
+its error and traceback are in its own log, and within seconds every other rank logs
+"rank R failed: <error>" and exits 1, even while blocked in a collective.
 """
 
 from __future__ import annotations
@@ -61,15 +65,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from diffusion_dist.train.loop import TrainingAborted, train
+    from diffusion_dist.train.watchdog import fail
 
+    # fail(e): the other ranks, perhaps blocked in a collective, hear of it and end too.
     try:
         return train(config, process, resume=args.resume, fresh=args.no_resume)
     except (DatasetError, EvaluationError) as e:
         print(f"error: {e}", file=sys.stderr)
+        fail(e)
         return 2
     except TrainingAborted as e:
         print(f"error: {e}", file=sys.stderr)
+        fail(e)
         return 1
+    except BaseException as e:
+        fail(e)
+        raise  # the traceback, and exit code 1
 
 
 def _has_cuda() -> bool:

@@ -16,6 +16,11 @@
 # within the cluster's KillWait. Either way the next start resumes from the newest committed
 # checkpoint in run.dir and continues the same MLflow run; one log file collects every start.
 #
+# Failures: when one rank fails (an exception, or its process dies or freezes), every other rank
+# logs "rank R failed: <error>" and exits 1 within seconds (diffusion_dist/train/watchdog.py); the
+# failing rank's traceback is in this log. srun returns the highest task exit code, the failing
+# rank's (2 bad config or data, 1 an error, 128+N killed by signal N): a failure is never requeued.
+#
 #SBATCH --job-name=diffusion-dist
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -59,8 +64,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # data workers and the main proces
 # binding would give each rank and all its data workers one core.
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 export PYTHONUNBUFFERED=1
-# NCCL (GPU nodes): fail fast instead of hanging on a lost peer. Site-specific settings go in the
-# environment before sbatch, e.g. NCCL_SOCKET_IFNAME=ib0 or NCCL_IB_HCA=mlx5, NCCL_DEBUG=WARN.
+# NCCL (GPU nodes): fail fast instead of hanging on a lost peer: a collective that waits longer than
+# run.collective_timeout_s becomes an error. Site-specific settings go in the environment before
+# sbatch, e.g. NCCL_SOCKET_IFNAME=ib0 or NCCL_IB_HCA=mlx5, NCCL_DEBUG=WARN.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 # gloo carries the per-step preemption flag on GPU nodes too; it takes interface names only (no ^lo).
 if [[ -z ${GLOO_SOCKET_IFNAME:-} && -n ${NCCL_SOCKET_IFNAME:-} && ${NCCL_SOCKET_IFNAME} != ^* ]]; then
@@ -76,9 +82,10 @@ if ! SLURM_PROCID=0 SLURM_STEP_NUM_TASKS=$SLURM_NTASKS "$PYTHON" -m launch.train
     exit 2
 fi
 
-# --wait: once one rank has ended, the others get 60 s, then SLURM ends them, so a rank that fails
-# does not leave the rest waiting in a collective. Not --kill-on-bad-exit: after a preemption save
-# all ranks exit with 75 together, and the first would kill the others before they exit.
+# --wait: once one rank has ended, the others get 60 s, then SLURM ends them. The ranks' watchdog
+# ends them sooner; this is the backstop for a rank that fails before its watchdog starts (while
+# joining the process group). Not --kill-on-bad-exit: after a preemption save all ranks exit with
+# 75 together, and the first would kill the others before they exit.
 srun --kill-on-bad-exit=0 --wait=60 "$PYTHON" -u -m launch.train "$@"
 code=$?
 

@@ -21,6 +21,7 @@ from .ema import EMA
 from .engine import Engine
 from .preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from .reporting import MetricsLog, Reports, start_tracking
+from .watchdog import Watchdog
 
 log = logging.getLogger("diffusion_dist.train")
 
@@ -32,7 +33,8 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
     # Set up processes, seeds, data, model, engine.
     preemption = PreemptionFlag(config.run.preempt_signals)  # first: a signal during start-up must not kill us
     device = training_device(process)
-    init_process_group(process, device)
+    init_process_group(process, device, config.run.collective_timeout_s)
+    watchdog = Watchdog(process.rank, process.world_size, config.run.heartbeat_timeout_s)  # ends us if a rank fails
     rank, world = process.rank, process.world_size
     # The FID network first: missing weights must stop the job before any work.
     features = None
@@ -141,6 +143,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
                     log.info("preempted: saved step %d, exiting with %d (requeue)", progress.step, REQUEUE_EXIT_CODE)
                 tracker.close("KILLED", min(10.0, config.tracking.flush_timeout))  # before SLURM's KillWait ends
                 barrier()  # ranks end together: launchers end the others when the first one exits
+                watchdog.close()
                 return REQUEUE_EXIT_CODE
 
         # The final state in this run's store (unless resumed from it there), and the export.
@@ -158,8 +161,10 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         preemption.close()
         tracker.close("FINISHED", config.tracking.flush_timeout)
         barrier()  # ranks end together: launchers end the others when the first one exits
+        watchdog.close()
         return 0
-    except BaseException:
+    except BaseException as error:
+        watchdog.fail(error)  # first: the other ranks are blocked in a collective until they hear of it
         tracker.close("FAILED", min(10.0, config.tracking.flush_timeout))
         raise
 
