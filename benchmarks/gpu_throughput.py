@@ -285,7 +285,17 @@ def main(argv: list[str] | None = None) -> None:
     columns = "size latent loop ZeRO variant img/s trainer/plain step_(ms) peak_mem_(GiB) train_GFLOPs/img MFU"
     print("| " + " | ".join(c.replace("_", " ") for c in columns.split()) + " |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
+    report = {
+        "device": card,
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "bf16_matmul_peak_flops": peak,
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "quick": args.quick,
+        "results": [],
+    }
     for size in args.sizes:
         for resolution in args.resolutions:
             # Compiled code is kept across the loops of one size (same graph); a new size or latent
@@ -309,22 +319,11 @@ def main(argv: list[str] | None = None) -> None:
                     stage = "—" if zero is None else str(zero)
                     cells = [size, row["latent"], loop, stage, variant, *row_cells(row)]
                     print("| " + " | ".join(cells) + " |", flush=True)
-                    rows.append(row)
-    report = {
-        "device": card,
-        "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__,
-        "bf16_matmul_peak_flops": peak,
-        "batch": args.batch,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "quick": args.quick,
-        "wall_s": time.perf_counter() - started,
-        "results": rows,
-    }
-    print(f"done in {report['wall_s']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+                    report["results"].append(row)
+                    report["wall_s"] = time.perf_counter() - started
+                    if args.json:  # after every row: a run stopped at a time limit keeps what it measured
+                        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    print(f"done in {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":
