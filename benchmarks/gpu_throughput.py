@@ -51,7 +51,7 @@ from diffusion_dist.distributed import init_process_group, process_from_env  # n
 from diffusion_dist.models import UNET_SIZES, build_unet  # noqa: E402
 from diffusion_dist.objectives import OBJECTIVES  # noqa: E402
 from diffusion_dist.train.ema import EMA  # noqa: E402
-from diffusion_dist.train.engine import Engine  # noqa: E402
+from diffusion_dist.train.engine import Engine, deepspeed_version  # noqa: E402
 from diffusion_dist.train.reporting import MetricsLog  # noqa: E402
 
 VARIANTS = ("eager", "compile", "channels_last", "compile+channels_last")
@@ -276,7 +276,6 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(device)
     os.environ.setdefault("DS_ACCELERATOR", device.type)
     init_process_group(process_from_env(), device)  # DeepSpeed wants a process group, even of one
-    import deepspeed
 
     started = time.perf_counter()
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -288,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "device": card,
         "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__,
+        "deepspeed": deepspeed_version(),
         "bf16_matmul_peak_flops": peak,
         "batch": args.batch,
         "steps": args.steps,
