@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .codecs import PRECISIONS
+from .data.storage import redact_text
 from .diffusion import SAMPLERS, SCHEDULES, VARIANCES
 from .models import MODEL_KINDS, UNET_SIZES
 
@@ -144,9 +145,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), w
         merged = _merge(merged, OmegaConf.load(path), source=str(path))
     for item in overrides:
         key, sep, value = item.partition("=")
+        shown = repr(redact_text(item))
         if not sep or not key or "." not in key:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.max_steps=1000)")
-        merged = _merge(merged, OmegaConf.from_dotlist([item]), source=f"override {item!r}")
+            raise ConfigError(f"override {shown} is not of the form section.key=value (e.g. train.max_steps=1000)")
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), source=f"override {shown}")
     config = OmegaConf.to_object(merged)
     validate(config, world_size)
     return config
@@ -158,7 +160,7 @@ def _merge(base: Any, update: Any, source: str) -> Any:
     except ConfigKeyError as e:
         raise ConfigError(f"{source}: {_unknown_key_message(e.full_key)}") from None
     except OmegaConfBaseException as e:
-        reason = str(e).splitlines()[0]
+        reason = redact_text(str(e).splitlines()[0])
         raise ConfigError(f"{source}: invalid value for {e.full_key}: {reason}") from None
 
 
@@ -182,7 +184,7 @@ def validate(config: Config, world_size: int = 1) -> None:
 
     def check(ok: bool, key: str, message: str) -> None:
         if not ok:
-            value = _get(config, key)
+            value = redact(_get(config, key))
             raise ConfigError(f"{key}={value!r}: {message}")
 
     def choice(key: str, options: Sequence[Any]) -> None:
@@ -287,16 +289,23 @@ _SECRET_KEY = re.compile(
 
 
 def redact(value: Any) -> Any:
-    """A copy of nested dicts/lists with the values of secret-looking keys replaced by '***'."""
+    """A copy of nested dicts/lists with the values of secret-looking keys replaced by '***', and every URL
+    in a string without user:password@ and query string (tokens, signatures): storage.redact_text."""
     if isinstance(value, Mapping):
         return {k: "***" if _SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
+    if isinstance(value, str):
+        return redact_text(value)
     return value
 
 
 def to_dict(config: Config, redact_secrets: bool = True) -> dict[str, Any]:
-    """The config as plain nested dicts, with credentials redacted unless asked otherwise."""
+    """The config as plain nested dicts, with credentials redacted unless asked otherwise.
+
+    Everything that writes or prints a config goes through here (config.yaml, checkpoints, MLflow
+    params and artifact, --print-config, launch.submit --dry-run); the program itself reads the
+    unredacted Config."""
     assert is_dataclass(config)
     tree = asdict(config)
     return redact(tree) if redact_secrets else tree

@@ -23,6 +23,7 @@ from typing import Any
 import submitit
 
 from diffusion_dist.config import ConfigError, load_config, to_yaml
+from diffusion_dist.data.storage import redact_text
 
 # The signal submitit asks SLURM for ahead of the time limit; the trainer saves on it.
 PREEMPT_SIGNAL = "SIGUSR2"
@@ -122,10 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides, world_size=world)
     except (ConfigError, ValueError) as e:
-        print(f"error: {e} (for {args.nodes} nodes x {tasks} ranks)", file=sys.stderr)
+        print(f"error: {redact_text(str(e))} (for {args.nodes} nodes x {tasks} ranks)", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(to_yaml(config), end="")
+        print(to_yaml(config), end="")  # credentials redacted: the job itself gets the overrides as given
         print(f"# {world} ranks; sbatch parameters:")
         for key, value in sbatch_flags(args, tasks).items():
             print(f"#SBATCH --{key}" + ("" if value is True else f"={value}"))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from diffusion_dist.config import ConfigError, load_config, to_yaml
 from diffusion_dist.data.manifest import DatasetError
+from diffusion_dist.data.storage import redact_text
 from diffusion_dist.distributed import process_from_env
 from diffusion_dist.evaluation import EvaluationError
 
@@ -43,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         process = process_from_env()
         config = load_config(args.config, args.overrides, world_size=process.world_size)
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     if args.print_config:
         print(to_yaml(config), end="")

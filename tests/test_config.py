@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffusion_dist.config import Config, ConfigError, gradient_accumulation_steps, load_config, to_yaml
+from diffusion_dist.config import Config, ConfigError, gradient_accumulation_steps, load_config, to_dict, to_yaml
+from tests.conftest import CANARY_KEY_ID, CANARY_SECRET
 
 ROOT = Path(__file__).parents[1]
 
@@ -142,3 +143,38 @@ def test_cli_checks_the_batch_split_for_the_launcher_world_size():
     env = {**os.environ, "WORLD_SIZE": "3", "RANK": "0"}
     result = run_cli("configs/demo.yaml", "--print-config", env=env)
     assert result.returncode == 2 and "× 3) must divide train.global_batch_size=64" in result.stderr
+
+
+def test_urls_in_any_value_lose_their_credentials_where_written():
+    """user:password@ and query strings of every URL in the tree are redacted in to_dict / to_yaml (what
+    config.yaml, checkpoints, MLflow, --print-config and --dry-run show); the Config keeps the real URLs."""
+    tracking = f"http://trainer:{CANARY_SECRET}@mlflow.example:5000"
+    data = f"s3://{CANARY_KEY_ID}:{CANARY_SECRET}@bucket/latents?token={CANARY_SECRET}"
+    config = load_config(
+        None,
+        [
+            f"data.url={data}",
+            f"tracking.uri={tracking}",
+            f"eval.reference=https://stats.example/ref.npz?X-Amz-Credential={CANARY_KEY_ID}&X-Amz-Signature=s",
+            f"data.storage_options.client_kwargs.endpoint_url=http://u:{CANARY_SECRET}@s3.example",
+            f"train.deepspeed.comms_logger.url=https://h/x#access_token={CANARY_SECRET}",
+        ],
+    )
+    assert config.tracking.uri == tracking and config.data.url == data  # what the program uses
+    text = to_yaml(config)
+    assert CANARY_SECRET not in text and CANARY_KEY_ID not in text
+    tree = to_dict(config)
+    assert tree["data"]["url"] == "s3://bucket/latents?<redacted>"
+    assert tree["tracking"]["uri"] == "http://mlflow.example:5000"
+    assert tree["eval"]["reference"] == "https://stats.example/ref.npz?<redacted>"
+    assert tree["data"]["storage_options"]["client_kwargs"]["endpoint_url"] == "http://s3.example"
+    assert yaml.safe_load(text) == tree
+
+
+def test_errors_show_no_credentials():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [f"data.urll=s3://{CANARY_KEY_ID}:{CANARY_SECRET}@bucket/x?token={CANARY_SECRET}"])
+    assert "override 'data.urll=s3://bucket/x?<redacted>': unknown key data.urll" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [f"train.max_steps=http://u:{CANARY_SECRET}@h"])
+    assert CANARY_SECRET not in str(error.value) and "train.max_steps" in str(error.value)

@@ -1,0 +1,201 @@
+"""Regressions of issue 17's adversarial probe: credentials inside URLs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import CANARY_KEY_ID, CANARY_SECRET, ROOT
+from tests.latent_data import write_dataset
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+SECRETS = (CANARY_KEY_ID, CANARY_SECRET)
+# A URL of every kind the probe found written in plain text: user:password@, a presigned query.
+REFERENCE = f"https://{CANARY_KEY_ID}:{CANARY_SECRET}@stats.example/ref.npz?X-Amz-Signature={CANARY_SECRET}"
+SMALL = ["data.num_workers=0", "train.global_batch_size=8", "train.micro_batch_size=8", "tracking.sample_every=0"]
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=ROOT,
+        env={**ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def grep_tree(root: Path, *secrets: str) -> list[str]:
+    """Files under root whose bytes contain any of the secrets."""
+    return [str(p) for p in root.rglob("*") if p.is_file() and any(s.encode() in p.read_bytes() for s in secrets)]
+
+
+class Recorder(SimpleHTTPRequestHandler):
+    """Serves a folder (GET/HEAD) to requests with the expected Basic credentials; records every
+    Authorization header. With no folder it answers 503, like an MLflow server that is down."""
+
+    def __init__(self, *args, expected: str, seen: list, **kwargs):
+        self.expected, self.seen = expected, seen
+        super().__init__(*args, **kwargs)
+
+    def _allowed(self) -> bool:
+        self.seen.append(self.headers.get("Authorization"))
+        if self.headers.get("Authorization") != self.expected:
+            self.send_error(401)
+            return False
+        if self.directory is None or not Path(self.directory).is_dir():
+            body = json.dumps({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "down"}).encode()
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return False
+        return True
+
+    def do_GET(self):
+        if self._allowed():
+            super().do_GET()
+
+    def do_HEAD(self):
+        if self._allowed():
+            super().do_HEAD()
+
+    def do_POST(self):
+        self._allowed()
+
+    def log_message(self, *args):
+        pass
+
+
+class AuthServer:
+    """An HTTP server on loopback that needs user:password (Basic auth); `uri(user, password)` reaches it."""
+
+    def __init__(self, directory: Path | None, user: str, password: str) -> None:
+        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.seen: list[str | None] = []
+        handler = partial(Recorder, expected=expected, seen=self.seen, directory=str(directory or "/nonexistent"))
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.server.server_address[1]
+        self.expected = expected
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def uri(self, user: str, password: str, path: str = "") -> str:
+        return f"http://{user}:{password}@127.0.0.1:{self.port}{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def latents(tmp_path) -> Path:
+    write_dataset(str(tmp_path / "data" / "latents"), [16, 16], shape=(3, 8, 8), num_classes=10)
+    return tmp_path / "data" / "latents"
+
+
+# 1. Credentials inside URLs: redacted wherever the config is written or printed, used where needed.
+
+
+def test_print_config_and_submit_dry_run_show_no_credentials_in_urls():
+    overrides = [
+        f"data.url=s3://{CANARY_KEY_ID}:{CANARY_SECRET}@bucket/latents?token={CANARY_SECRET}",
+        f"tracking.uri=http://trainer:{CANARY_SECRET}@mlflow.example:5000",
+        f"eval.reference={REFERENCE}",
+        f"data.storage_options.client_kwargs.endpoint_url=http://{CANARY_KEY_ID}:{CANARY_SECRET}@s3.example",
+    ]
+    printed = run_module("launch.train", "configs/demo.yaml", *overrides, "--print-config")
+    dry_run = run_module("launch.submit", "configs/demo.yaml", *overrides, "--gpus-per-node", "0", "--dry-run")
+    for result in (printed, dry_run):
+        assert result.returncode == 0, result.stderr
+        assert not any(secret in result.stdout + result.stderr for secret in SECRETS), result.stdout
+        assert "url: s3://bucket/latents?<redacted>" in result.stdout
+        assert "uri: http://mlflow.example:5000" in result.stdout
+        assert "endpoint_url: http://s3.example" in result.stdout
+    assert "#SBATCH --nodes=1" in dry_run.stdout
+
+
+def test_config_errors_show_no_credentials():
+    result = run_module(
+        "launch.train", "configs/demo.yaml", f"data.ulr=s3://{CANARY_KEY_ID}:{CANARY_SECRET}@bucket/x", "--print-config"
+    )
+    assert result.returncode == 2 and "unknown key data.ulr; did you mean data.url?" in result.stderr
+    assert "override 'data.ulr=s3://bucket/x'" in result.stderr
+    assert not any(secret in result.stderr for secret in SECRETS) and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tracking", ["embedded", "server"])
+def test_a_run_reaches_its_servers_with_url_credentials_and_writes_none(latents, tmp_path, tracking):
+    """Data over HTTP that needs the user:password of data.url; MLflow either in run.dir (embedded store)
+    or on a server that needs the user:password of tracking.uri. Both get the credentials; no file under
+    run.dir (config.yaml, checkpoints, export, MLflow's store), no output line holds them."""
+    data = AuthServer(latents.parent, "reader", CANARY_SECRET)
+    mlflow = AuthServer(None, "trainer", CANARY_SECRET)  # answers 503: the tracker retries, training goes on
+    run_dir = tmp_path / "run"
+    args = [
+        "configs/demo.yaml",
+        *SMALL,
+        f"run.dir={run_dir}",
+        f"data.url={data.uri('reader', CANARY_SECRET, '/latents')}",
+        f"eval.reference={REFERENCE}",
+        "train.max_steps=2",
+        "checkpoint.every=1",
+        "tracking.log_every=1",
+    ]
+    if tracking == "server":
+        args += [f"tracking.uri={mlflow.uri('trainer', CANARY_SECRET)}", "tracking.flush_timeout=1"]
+    env = {"MLFLOW_TRACKING_URI": ""}
+    try:
+        result = run_module("launch.train", *args, env=env)
+    finally:
+        data.close()
+        mlflow.close()
+    assert result.returncode == 0, result.stderr
+    assert data.expected in data.seen and set(data.seen) == {data.expected}  # every read with the URL's credentials
+    assert (mlflow.expected in mlflow.seen) == (tracking == "server")
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-1", "step-2"]
+    if tracking == "embedded":
+        assert (run_dir / "mlflow" / "mlflow.db").is_file()
+        (logged,) = (run_dir / "mlflow" / "artifacts").rglob("config.yaml")
+        assert logged.read_text() == (run_dir / "config.yaml").read_text()
+    assert f"url: http://127.0.0.1:{data.port}/latents\n" in (run_dir / "config.yaml").read_text()
+    shared = torch.load(run_dir / "checkpoints" / "step-2" / "shared.pt", weights_only=True)
+    assert shared["config"]["eval"]["reference"] == "https://stats.example/ref.npz?<redacted>"
+    assert grep_tree(run_dir, *SECRETS) == []
+    assert not any(secret in result.stdout + result.stderr for secret in SECRETS)
+
+
+def test_the_tracker_stores_no_url_credentials_in_params_tags_or_run_name(tmp_path):
+    """The embedded store (sqlite and artifacts) after a run opened with secrets in params, tags and
+    its name: none of them is stored."""
+    from diffusion_dist.train.tracking import Tracker, local_store
+
+    uri, artifacts = local_store(tmp_path)
+    tracker = Tracker(
+        uri,
+        "canaries",
+        f"run-{REFERENCE}",
+        params={"eval.reference": REFERENCE},
+        tags={"source": REFERENCE},
+        config_yaml=f"reference: {REFERENCE}\n".replace(REFERENCE, "https://stats.example/ref.npz"),
+        artifact_root=artifacts,
+    )
+    assert tracker.close("FINISHED", timeout=120) == {"undelivered": 0, "dropped": 0, "failed": 0}
+    from mlflow import MlflowClient
+
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.data.params["eval.reference"] == "https://stats.example/ref.npz?<redacted>"
+    assert run.data.tags["source"] == "https://stats.example/ref.npz?<redacted>"
+    assert grep_tree(tmp_path / "mlflow", *SECRETS) == []
