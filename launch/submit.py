@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     world = args.nodes * tasks
     try:
-        config = load_config(args.config, args.overrides, world_size=world)
+        config = load_config(args.config, args.overrides, world_size=world, training=True)
     except (ConfigError, ValueError) as e:
         print(f"error: {redact_text(str(e))} (for {args.nodes} nodes x {tasks} ranks)", file=sys.stderr)
         return 2

@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         process = process_from_env()
-        config = load_config(args.config, args.overrides, world_size=process.world_size)
+        config = load_config(args.config, args.overrides, world_size=process.world_size, training=True)
     except (ConfigError, ValueError) as e:
         print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
