@@ -1,8 +1,10 @@
-"""Regressions of issue 17's adversarial probe: credentials inside URLs."""
+"""Regressions of issue 17's adversarial probe: credentials inside URLs, and bad input or a full disk
+that ended in a traceback instead of an exit code and a message naming the input."""
 
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import subprocess
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CANARY_KEY_ID, CANARY_SECRET, ROOT
+from tests.conftest import CANARY_KEY_ID, CANARY_SECRET, ROOT, free_port, require_service, wait_for_port
 from tests.latent_data import write_dataset
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -199,3 +201,104 @@ def test_the_tracker_stores_no_url_credentials_in_params_tags_or_run_name(tmp_pa
     assert run.data.params["eval.reference"] == "https://stats.example/ref.npz?<redacted>"
     assert run.data.tags["source"] == "https://stats.example/ref.npz?<redacted>"
     assert grep_tree(tmp_path / "mlflow", *SECRETS) == []
+
+
+# 7. Bad input: exit 2 and a message that names it; a full disk: exit 1 and "no space left on".
+
+
+@pytest.fixture(scope="module")
+def moto_with_auth(tmp_path_factory):
+    """A moto S3 server that checks signatures (IAM auth on): a bucket `data-bucket` and an access key."""
+    try:
+        import boto3
+        import moto.server  # noqa: F401
+    except ImportError:
+        require_service(False, "moto[server] is not installed (pip install -e '.[dev]')")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto-auth") / "moto.log", "w")
+    # The first requests need no auth: they create the user, its policy and its key.
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log, env=env
+    )
+    if not wait_for_port(port, process):
+        process.kill()
+        require_service(False, f"moto server did not start on 127.0.0.1:{port}")
+    endpoint = f"http://127.0.0.1:{port}"
+    anyone = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+    iam = boto3.client("iam", **anyone)
+    iam.create_user(UserName="trainer")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="trainer", PolicyName="all", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="trainer")["AccessKey"]
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=key["AccessKeyId"],
+        aws_secret_access_key=key["SecretAccessKey"],
+    ).create_bucket(Bucket="data-bucket")
+    yield endpoint, key["AccessKeyId"]
+    process.terminate()
+    process.wait(timeout=10)
+    log.close()
+
+
+@pytest.mark.slow
+def test_a_wrong_s3_secret_is_exit_2_naming_the_url(moto_with_auth, tmp_path):
+    endpoint, key_id = moto_with_auth
+    options = f"{{key: {key_id}, secret: {CANARY_SECRET}, client_kwargs: {{endpoint_url: '{endpoint}'}}}}"
+    result = run_module(
+        "launch.train", "configs/demo.yaml", *SMALL, f"run.dir={tmp_path / 'run'}",
+        "data.url=s3://data-bucket/latents", f"data.storage_options={options}",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "error: data.url=s3://data-bucket/latents: access denied" in result.stderr
+    assert "check the credentials" in result.stderr
+    assert "Traceback" not in result.stderr and CANARY_SECRET not in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_an_unreachable_data_endpoint_is_exit_2_naming_the_url(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/latents"  # nothing listens there
+    result = run_module("launch.train", "configs/demo.yaml", *SMALL, f"run.dir={tmp_path / 'run'}", f"data.url={url}")
+    assert result.returncode == 2, result.stderr
+    assert f"error: data.url={url}: cannot read the dataset" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["config.yaml", pytest.param("metrics.jsonl", marks=pytest.mark.slow)])
+def test_a_full_disk_says_so(latents, tmp_path, name):
+    """/dev/full answers every write with ENOSPC: run.dir/<name> pointing there is a full disk."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / name).symlink_to("/dev/full")
+    result = run_module(
+        "launch.train", "configs/demo.yaml", *SMALL, f"run.dir={run_dir}", f"data.url={latents}",
+        "train.max_steps=1", "tracking.log_every=1", "tracking.enabled=false",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"error: no space left on {run_dir.resolve()}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("filename", [None, "export/.ema.safetensors.partial"])
+def test_a_full_disk_during_training_names_the_file_or_run_dir(latents, tmp_path, monkeypatch, capsys, filename):
+    """Any ENOSPC out of train() (here: the export's write) is reported plainly, with the file when known."""
+    import diffusion_dist.train.loop as loop
+    from launch import train
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(loop, "train", full)
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        monkeypatch.setenv(name, value)  # main() sets them; restored after the test
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    run_dir = tmp_path / "run"
+    assert train.main(["configs/demo.yaml", *SMALL, f"run.dir={run_dir}", f"data.url={latents}"]) == 1
+    where = filename or run_dir.resolve()
+    assert f"error: no space left on {where}; free space there" in capsys.readouterr().err
