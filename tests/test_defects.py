@@ -302,3 +302,93 @@ def test_a_full_disk_during_training_names_the_file_or_run_dir(latents, tmp_path
     assert train.main(["configs/demo.yaml", *SMALL, f"run.dir={run_dir}", f"data.url={latents}"]) == 1
     where = filename or run_dir.resolve()
     assert f"error: no space left on {where}; free space there" in capsys.readouterr().err
+
+
+# launch.sample and exports.
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    """An untrained UNet-T export (3×8×8 pixel latents, 10 classes, 50 steps): enough to load and refuse."""
+    from diffusion_dist.config import load_config
+    from diffusion_dist.export import ExportInfo, write_export
+
+    config = load_config(
+        None, ["model.size=UNet-T", "model.num_classes=10", "diffusion.num_timesteps=50", "diffusion.sample_steps=5"]
+    )
+    codec = {"name": "pixel", "model": None, "subfolder": None, "scaling_factor": 1.0, "shift_factor": 0.0}
+    manifest = {"codec": {**codec, "latent_channels": 3, "downsample": 1}, "num_samples": 10}
+    info = ExportInfo.from_config(config, manifest, (3, 8, 8))
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("export")
+    return write_export(directory, info.build_model().state_dict(), info)
+
+
+def sample(*args: str) -> int:
+    from launch import sample as launch_sample
+
+    return launch_sample.main([*map(str, args)])
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--cfg-scale", "nan"], "argument --cfg-scale: nan: must be a finite number >= 0"),
+        (["--cfg-scale", "inf"], "argument --cfg-scale: inf: must be a finite number >= 0"),
+        (["--cfg-scale", "-1"], "argument --cfg-scale: -1: must be a finite number >= 0"),
+        (["--cfg-scale", "lots"], "argument --cfg-scale: 'lots' is not a number"),
+        (["--classifier-scale", "nan"], "argument --classifier-scale: nan: must be a finite number >= 0"),
+        (["--steps", "0"], "argument --steps: 0: must be >= 1"),
+        (["--steps", "-3"], "argument --steps: -3: must be >= 1"),
+        (["--per-class", "0"], "argument --per-class: 0: must be >= 1"),
+        (["--seed", "-1"], "argument --seed: -1: must be >= 0"),
+    ],
+)
+def test_sample_refuses_bad_numbers_before_loading(tmp_path, capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_:
+        sample(tmp_path / "no-export", *arguments)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--steps", "51"], "--steps 51: must lie in [1, 50]"),
+        (["--classes", "1,x"], "--classes '1,x': give comma-separated class ids"),
+        (["--classes", "10"], "--classes [10] outside [0, 10)"),
+        (["--device", "gpu0"], "--device gpu0: "),
+    ],
+)
+def test_sample_refuses_bad_input_naming_it(export_dir, tmp_path, capsys, arguments, message):
+    assert sample(export_dir, *arguments, "--out", tmp_path / "s") == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("s.*"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "other weights"])
+def test_a_damaged_export_is_exit_2_naming_the_file(export_dir, tmp_path, capsys, damage):
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "export"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((export_dir / "config.json").read_bytes())
+    weights = (export_dir / "ema.safetensors").read_bytes()
+    if damage == "truncated":
+        (broken / "ema.safetensors").write_bytes(weights[: len(weights) // 2])
+    elif damage == "empty":
+        (broken / "ema.safetensors").write_bytes(b"")
+    else:
+        save_file({"time_embed.0.weight": torch.zeros(2, 2)}, broken / "ema.safetensors")
+    assert sample(broken, "--out", tmp_path / "s") == 2
+    err = capsys.readouterr().err
+    assert f"error: {broken / 'ema.safetensors'} " in err and "export the run again" in err
+    assert "Traceback" not in err
+
+
+def test_sample_steps_default_comes_from_the_export(export_dir, tmp_path, capsys):
+    """No --steps: the export's diffusion.sample_steps (5), written and run; 1 sample per class of 2."""
+    assert sample(export_dir, "--classes", "0,1", "--per-class", "1", "--out", tmp_path / "s", "--device", "cpu") == 0
+    assert (tmp_path / "s.png").is_file() and (tmp_path / "s.npz").is_file()
