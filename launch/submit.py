@@ -110,10 +110,16 @@ def sbatch_flags(args: argparse.Namespace, tasks: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
-    problems = [f"--{name} must be >= 1" for name in ("nodes", "cpus_per_task", "time") if getattr(args, name) < 1]
+    tasks = max(args.gpus_per_node, 1) if args.tasks_per_node is None else args.tasks_per_node
+    problems = [
+        f"--{name.replace('_', '-')} must be >= 1"
+        for name in ("nodes", "tasks_per_node", "cpus_per_task", "time", "signal_delay")
+        if getattr(args, name) is not None and getattr(args, name) < 1
+    ]
     if args.gpus_per_node < 0:
         problems.append("--gpus-per-node must be >= 0")
+    if args.signal_delay >= args.time * 60 >= 60:
+        problems.append(f"--signal-delay {args.signal_delay} s is not shorter than --time {args.time} min; lower it")
     if args.gpus_per_node and tasks != args.gpus_per_node:
         problems.append(f"--tasks-per-node={tasks} but --gpus-per-node={args.gpus_per_node}: one rank per GPU")
     if problems:

@@ -392,3 +392,23 @@ def test_sample_steps_default_comes_from_the_export(export_dir, tmp_path, capsys
     """No --steps: the export's diffusion.sample_steps (5), written and run; 1 sample per class of 2."""
     assert sample(export_dir, "--classes", "0,1", "--per-class", "1", "--out", tmp_path / "s", "--device", "cpu") == 0
     assert (tmp_path / "s.png").is_file() and (tmp_path / "s.npz").is_file()
+
+
+# launch.submit: integer arguments.
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--tasks-per-node", "0", "--gpus-per-node", "0"], "--tasks-per-node must be >= 1"),
+        (["--signal-delay", "0"], "--signal-delay must be >= 1"),
+        (["--time", "4", "--signal-delay", "300"], "--signal-delay 300 s is not shorter than --time 4 min"),
+        (["--nodes", "-1"], "--nodes must be >= 1"),
+    ],
+)
+def test_submit_refuses_bad_counts(capsys, arguments, message):
+    from launch import submit
+
+    assert submit.main(["configs/demo.yaml", *arguments, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
