@@ -229,6 +229,7 @@ def test_urls_in_any_value_lose_their_credentials_where_written():
             f"eval.reference=https://stats.example/ref.npz?X-Amz-Credential={CANARY_KEY_ID}&X-Amz-Signature=s",
             f"data.storage_options.client_kwargs.endpoint_url=http://u:{CANARY_SECRET}@s3.example",
             f"train.deepspeed.comms_logger.url=https://h/x#access_token={CANARY_SECRET}",
+            f"checkpoint.dir=s3://{CANARY_KEY_ID}:{CANARY_SECRET}@bucket/run",
         ],
     )
     assert config.tracking.uri == tracking and config.data.url == data  # what the program uses
@@ -237,6 +238,7 @@ def test_urls_in_any_value_lose_their_credentials_where_written():
     tree = to_dict(config)
     assert tree["data"]["url"] == "s3://bucket/latents?<redacted>"
     assert tree["tracking"]["uri"] == "http://mlflow.example:5000"
+    assert tree["checkpoint"]["dir"] == "s3://bucket/run"
     assert tree["eval"]["reference"] == "https://stats.example/ref.npz?<redacted>"
     assert tree["data"]["storage_options"]["client_kwargs"]["endpoint_url"] == "http://s3.example"
     assert yaml.safe_load(text) == tree

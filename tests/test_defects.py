@@ -167,14 +167,19 @@ def test_a_run_reaches_its_servers_with_url_credentials_and_writes_none(latents,
     assert result.returncode == 0, result.stderr
     assert data.expected in data.seen and set(data.seen) == {data.expected}  # every read with the URL's credentials
     assert (mlflow.expected in mlflow.seen) == (tracking == "server")
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-1", "step-2"]
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*.commit.json")) == [
+        "step-1.commit.json",
+        "step-2.commit.json",
+    ]
     if tracking == "embedded":
         assert (run_dir / "mlflow" / "mlflow.db").is_file()
         (logged,) = (run_dir / "mlflow" / "artifacts").rglob("config.yaml")
         assert logged.read_text() == (run_dir / "config.yaml").read_text()
     assert f"url: http://127.0.0.1:{data.port}/latents\n" in (run_dir / "config.yaml").read_text()
-    shared = torch.load(run_dir / "checkpoints" / "step-2" / "shared.pt", weights_only=True)
-    assert shared["config"]["eval"]["reference"] == "https://stats.example/ref.npz?<redacted>"
+    commit = json.loads((checkpoints / "step-2.commit.json").read_text())
+    saved = json.loads((checkpoints / "step-2" / commit["attempt"] / "state.json").read_text())
+    assert saved["config"]["eval"]["reference"] == "https://stats.example/ref.npz?<redacted>"
     assert grep_tree(run_dir, *SECRETS) == []
     assert not any(secret in result.stdout + result.stderr for secret in SECRETS)
 
