@@ -8,6 +8,7 @@ the key at fault.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import signal
 from collections.abc import Mapping, Sequence
@@ -15,10 +16,12 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .codecs import PRECISIONS
+from .data.storage import redact_text
 from .diffusion import SAMPLERS, SCHEDULES, VARIANCES
 from .models import MODEL_KINDS, UNET_SIZES
 
@@ -141,22 +144,77 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the key and what to do."""
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), world_size: int = 1) -> Config:
-    """Defaults, then the YAML at `path`, then `section.key=value` overrides; validated for world_size ranks."""
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), world_size: int = 1, *, training: bool = False
+) -> Config:
+    """Defaults, then the YAML at `path`, then `section.key=value` overrides; validated for world_size ranks.
+
+    training: also require what a training run reads (data.url); launch.train and launch.submit set it."""
     merged = OmegaConf.structured(Config)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass a YAML such as configs/demo.yaml")
-        merged = _merge(merged, OmegaConf.load(path), source=str(path))
+        merged = _merge(merged, _load_yaml(Path(path)), source=str(path))
     for item in overrides:
         key, sep, value = item.partition("=")
+        shown = repr(redact_text(item))
         if not sep or not key or "." not in key:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.max_steps=1000)")
-        merged = _merge(merged, OmegaConf.from_dotlist([item]), source=f"override {item!r}")
-    config = OmegaConf.to_object(merged)
-    validate(config, world_size)
+            raise ConfigError(f"override {shown} is not of the form section.key=value (e.g. train.max_steps=1000)")
+        if not value.strip():  # YAML reads `key=` as null; mean the empty string (tracking.uri=, run.name=)
+            item = f"{key}=''"
+        try:
+            update = OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as e:
+            reason = e.problem if isinstance(e, yaml.MarkedYAMLError) and e.problem else str(e).splitlines()[0]
+            raise ConfigError(
+                f"override {shown}: the value is not valid YAML ({redact_text(reason)}); quote it, e.g. {key}='...'"
+            ) from None
+        merged = _merge(merged, update, source=f"override {shown}")
+    try:
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:  # e.g. an ${interpolation} that does not resolve
+        raise ConfigError(f"invalid value for {e.full_key}: {redact_text(str(e).splitlines()[0])}") from None
+    validate(config, world_size, training=training)
     return config
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    """The YAML at `path` as a mapping of sections; a ConfigError names the file (and line) at fault."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML such as configs/demo.yaml")
+    try:
+        tree = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(f"{path}{_yaml_problem(e)}; fix the syntax there") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)}); fix the syntax") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); pass a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {redact_text(str(e).splitlines()[0])}") from None
+    if not isinstance(tree, DictConfig):
+        raise ConfigError(f"{path}: the top level must map sections to keys (run:, model:, train:, ...), not a list")
+    return tree
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """', line 3, column 1: not valid YAML: did not find expected ']' (while parsing a flow sequence at
+    line 2, column 7)': the parser's reason and positions (1-based) on one line; just the reason unmarked."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return redact_text(str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+    def at(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    problem, context = error.problem or "syntax error", error.context
+    if error.problem_mark is None and error.context_mark is not None:
+        problem, context, mark, context_mark = context or problem, None, error.context_mark, None
+    else:
+        mark, context_mark = error.problem_mark, error.context_mark
+    text = f", {at(mark)}: not valid YAML: {problem}" if mark else f": not valid YAML: {problem}"
+    if context:
+        text += f" ({context}" + (f" at {at(context_mark)})" if context_mark else ")")
+    return redact_text(text)
 
 
 def _merge(base: Any, update: Any, source: str) -> Any:
@@ -165,7 +223,9 @@ def _merge(base: Any, update: Any, source: str) -> Any:
     except ConfigKeyError as e:
         raise ConfigError(f"{source}: {_unknown_key_message(e.full_key)}") from None
     except OmegaConfBaseException as e:
-        reason = str(e).splitlines()[0]
+        reason = redact_text(str(e).splitlines()[0])
+        if reason.startswith("Incompatible value 'None'"):  # `key:` with nothing after it in a YAML
+            reason = "no value given; set one, or remove the key to keep the default"
         raise ConfigError(f"{source}: invalid value for {e.full_key}: {reason}") from None
 
 
@@ -184,19 +244,31 @@ def _unknown_key_message(full_key: str) -> str:
     return f"unknown key {full_key}{hint} (valid {where}: {', '.join(candidates)})"
 
 
-def validate(config: Config, world_size: int = 1) -> None:
-    """Raise ConfigError naming the first key whose value cannot run."""
+def validate(config: Config, world_size: int = 1, *, training: bool = False) -> None:
+    """Raise ConfigError naming the first key whose value cannot run (training: also data.url)."""
 
     def check(ok: bool, key: str, message: str) -> None:
         if not ok:
-            value = _get(config, key)
+            value = redact(_get(config, key))
             raise ConfigError(f"{key}={value!r}: {message}")
 
     def choice(key: str, options: Sequence[Any]) -> None:
         check(_get(config, key) in options, key, f"choose one of {', '.join(map(str, options))}")
 
+    # nan passes every `x >= 0` test that is written `not x < 0`, and inf passes `x > 0`: refuse both first.
+    for section in fields(config):
+        for item in fields(getattr(config, section.name)):
+            value = getattr(getattr(config, section.name), item.name)
+            if isinstance(value, float):
+                check(math.isfinite(value), f"{section.name}.{item.name}", "must be a finite number")
     run, model, diffusion, train = config.run, config.model, config.diffusion, config.train
     check(bool(run.dir), "run.dir", "set the output directory")
+    check(
+        not training or bool(config.data.url.strip()),
+        "data.url",
+        "set the dataset: a folder, file:// or s3://bucket/prefix URL holding the manifest.json that "
+        "python -m data_tools.encode_latents writes",
+    )
     check(run.seed >= 0, "run.seed", "must be >= 0")
     choice("model.kind", MODEL_KINDS)
     choice("model.size", list(UNET_SIZES))
@@ -246,7 +318,17 @@ def validate(config: Config, world_size: int = 1) -> None:
     check(0 <= train.ema_decay <= 1, "train.ema_decay", "must lie in [0, 1]")
     check(train.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
     for name in config.run.preempt_signals:
-        check(hasattr(signal, name), "run.preempt_signals", f"{name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
+        check(
+            name in signal.Signals.__members__,
+            "run.preempt_signals",
+            f"{name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)",
+        )
+        check(
+            name not in _UNUSABLE_SIGNALS,
+            "run.preempt_signals",
+            f"{name} {_UNUSABLE_SIGNALS.get(name)}, so no checkpoint could be saved on it; use SIGUSR1, SIGUSR2 "
+            "or SIGTERM",
+        )
     check(run.collective_timeout_s > 0, "run.collective_timeout_s", "must be > 0 seconds")
     check(run.heartbeat_timeout_s >= 10, "run.heartbeat_timeout_s", "must be >= 10 seconds (heartbeats are 1 s apart)")
     check(config.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
@@ -274,6 +356,15 @@ def validate(config: Config, world_size: int = 1) -> None:
     check(evaluation.reference_samples >= 2, "eval.reference_samples", "FID needs at least 2 reference samples")
 
 
+# Signals a preemption handler cannot use, and why.
+_UNUSABLE_SIGNALS = {
+    "SIGKILL": "cannot be caught",
+    "SIGSTOP": "cannot be caught",
+    **dict.fromkeys(("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL"), "reports a crash of this process"),
+    **dict.fromkeys(("SIGCHLD", "SIGCLD"), "arrives whenever a data worker process ends"),
+}
+
+
 def gradient_accumulation_steps(config: Config, world_size: int) -> int:
     """Micro batches per rank per optimizer step: global = micro × accumulation × world size."""
     return config.train.global_batch_size // (config.train.micro_batch_size * world_size)
@@ -296,16 +387,23 @@ _SECRET_KEY = re.compile(
 
 
 def redact(value: Any) -> Any:
-    """A copy of nested dicts/lists with the values of secret-looking keys replaced by '***'."""
+    """A copy of nested dicts/lists with the values of secret-looking keys replaced by '***', and every URL
+    in a string without user:password@ and query string (tokens, signatures): storage.redact_text."""
     if isinstance(value, Mapping):
         return {k: "***" if _SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
+    if isinstance(value, str):
+        return redact_text(value)
     return value
 
 
 def to_dict(config: Config, redact_secrets: bool = True) -> dict[str, Any]:
-    """The config as plain nested dicts, with credentials redacted unless asked otherwise."""
+    """The config as plain nested dicts, with credentials redacted unless asked otherwise.
+
+    Everything that writes or prints a config goes through here (config.yaml, checkpoints, MLflow
+    params and artifact, --print-config, launch.submit --dry-run); the program itself reads the
+    unredacted Config."""
     assert is_dataclass(config)
     tree = asdict(config)
     return redact(tree) if redact_secrets else tree

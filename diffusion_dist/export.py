@@ -165,10 +165,23 @@ def load_export(
     """(network in eval mode with the EMA weights, the training diffusion chain, the export's record)."""
     directory = export_directory(path)
     info = read_export_info(directory)
-    model = info.build_model()
+    try:
+        model, chain = info.build_model(), info.chain()
+    except (KeyError, ValueError, TypeError) as e:  # a size, kind or schedule this version does not know
+        raise ExportError(
+            f"{directory / CONFIG} describes no model this version builds ({e}); export the run again"
+        ) from None
     try:
         weights = load_file(directory / WEIGHTS)
     except (OSError, SafetensorError) as e:
         raise ExportError(f"{directory / WEIGHTS} cannot be read ({e}); export the run again") from None
-    model.load_state_dict(weights)
-    return model.to(device).eval(), info.chain(), info
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors: another model's weights
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]  # torch: a title, then reasons
+        reason = (lines[1] if len(lines) > 1 else lines[0]) if lines else type(e).__name__
+        raise ExportError(
+            f"{directory / WEIGHTS} does not hold the weights {directory / CONFIG} describes "
+            f"({info.model.kind} {info.model.size}: {reason[:300]}); export the run again"
+        ) from None
+    return model.to(device).eval(), chain, info

@@ -14,6 +14,8 @@ their 1.5 is --cfg-scale 0.5.
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,26 +30,62 @@ from diffusion_dist.inference import Guidance, check_classifier, generate_images
 from diffusion_dist.pictures import row_labels, save_grid
 
 
+def scale(text: str) -> float:
+    """argparse type of guidance scales: a finite number >= 0 (nan and inf would make every sample nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number >= 0 (0: no guidance)")
+    return value
+
+
+def count(minimum: int):
+    """argparse type of an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be >= {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # what argparse names in its messages
+    return parse
+
+
 def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier", default=None, help="a noisy-latent classifier export for classifier guidance")
     parser.add_argument(
         "--classifier-scale",
-        type=float,
+        type=scale,
         default=1.0,
         help="s of classifier guidance (ADM's): DDPM moves the mean by s·Σ·∇log p(c | z_t), DDIM moves ε by "
         "−s·sqrt(1 − ᾱ_t)·∇log p(c | z_t)",
     )
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (respaced chain)")
+    parser.add_argument(
+        "--steps", type=count(1), default=None, help="sampling steps (respaced chain; default: the export's)"
+    )
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=count(0), default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
 def load_models(args: argparse.Namespace, need_classes: bool = True) -> tuple:
     """(model, diffusion, info, classifier or None, number of classes to sample); ValueError says what is wrong.
 
-    need_classes: refuse an unconditional model without a classifier (it cannot follow --classes)."""
+    need_classes: refuse an unconditional model without a classifier (it cannot follow --classes).
+    Sets args.device and args.steps (None: the export's) to what will be used."""
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     model, diffusion, info = load_export(args.export, args.device)
     if info.model.kind != "unet":
         raise ValueError(f"{args.export} is a {info.model.kind} export; sample from a diffusion model export")
@@ -57,24 +95,36 @@ def load_models(args: argparse.Namespace, need_classes: bool = True) -> tuple:
         classifier, _, classifier_info = load_export(args.classifier, args.device)
         check_classifier(info, classifier_info)
         num_classes = classifier_info.model.num_classes
-    if args.classifier_scale < 0:
-        raise ValueError(f"--classifier-scale {args.classifier_scale}: must be >= 0")
     if num_classes == 0 and need_classes:
         raise ValueError(f"{args.export} is unconditional: pass --classifier to sample classes")
-    steps = args.steps or info.diffusion.sample_steps
-    if not 1 <= steps <= diffusion.num_timesteps:
-        raise ValueError(f"--steps {steps}: must lie in [1, {diffusion.num_timesteps}]")
+    args.steps = info.diffusion.sample_steps if args.steps is None else args.steps  # 0 is an error, not the default
+    if not 1 <= args.steps <= diffusion.num_timesteps:
+        raise ValueError(f"--steps {args.steps}: must lie in [1, {diffusion.num_timesteps}]")
     return model, diffusion, info, classifier, num_classes
+
+
+def parse_classes(text: str | None, num_classes: int) -> list[int]:
+    """--classes '0,3,7' as ids in [0, num_classes); None: every class."""
+    if text is None:
+        return list(range(num_classes))
+    try:
+        classes = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--classes {text!r}: give comma-separated class ids, e.g. --classes 0,3,7") from None
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"--classes {bad} outside [0, {num_classes})")
+    return classes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.sample", description=__doc__.splitlines()[0])
     parser.add_argument("export", help="an export folder, or a run directory holding export/")
     parser.add_argument("--classes", default=None, help="comma-separated class ids (default: all)")
-    parser.add_argument("--per-class", type=int, default=8)
+    parser.add_argument("--per-class", type=count(1), default=8)
     parser.add_argument(
         "--cfg-scale",
-        type=float,
+        type=scale,
         default=None,
         help="w of classifier-free guidance, ε̃ = (1 + w)·ε_c − w·ε_∅; DiT's/diffusers' scale is s = 1 + w "
         "(default: the export's diffusion.guidance_scale)",
@@ -85,10 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         model, diffusion, info, classifier, num_classes = load_models(args)
-        classes = list(range(num_classes)) if args.classes is None else [int(c) for c in args.classes.split(",")]
-        bad = [c for c in classes if not 0 <= c < num_classes]
-        if bad:
-            raise ValueError(f"--classes {bad} outside [0, {num_classes})")
+        classes = parse_classes(args.classes, num_classes)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
@@ -101,16 +148,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         info,
         labels,
         Guidance(cfg_scale, classifier, args.classifier_scale),
-        steps=args.steps or defaults.sample_steps,
+        steps=args.steps,
         sampler=args.sampler or defaults.sampler,
         seed=args.seed,
         device=args.device,
         progress=True,
     )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(out.with_suffix(".png"), images, rows=len(classes), labels=row_labels(classes, info.dataset.class_names))
-    np.savez_compressed(out.with_suffix(".npz"), images=images, labels=np.asarray(labels))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid_labels = row_labels(classes, info.dataset.class_names)
+        save_grid(out.with_suffix(".png"), images, rows=len(classes), labels=grid_labels)
+        np.savez_compressed(out.with_suffix(".npz"), images=images, labels=np.asarray(labels))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"error: no space left on {e.filename or out.parent.resolve()} (--out {args.out})", file=sys.stderr)
+        else:
+            print(f"error: --out {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 1
     print(f"wrote {len(images)} samples: {out.with_suffix('.png')} and {out.with_suffix('.npz')}", file=sys.stderr)
     return 0
 

@@ -23,6 +23,7 @@ from typing import Any
 import submitit
 
 from diffusion_dist.config import ConfigError, load_config, to_yaml
+from diffusion_dist.data.storage import redact_text
 
 # The signal submitit asks SLURM for ahead of the time limit; the trainer saves on it.
 PREEMPT_SIGNAL = "SIGUSR2"
@@ -109,10 +110,16 @@ def sbatch_flags(args: argparse.Namespace, tasks: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
-    problems = [f"--{name} must be >= 1" for name in ("nodes", "cpus_per_task", "time") if getattr(args, name) < 1]
+    tasks = max(args.gpus_per_node, 1) if args.tasks_per_node is None else args.tasks_per_node
+    problems = [
+        f"--{name.replace('_', '-')} must be >= 1"
+        for name in ("nodes", "tasks_per_node", "cpus_per_task", "time", "signal_delay")
+        if getattr(args, name) is not None and getattr(args, name) < 1
+    ]
     if args.gpus_per_node < 0:
         problems.append("--gpus-per-node must be >= 0")
+    if args.signal_delay >= args.time * 60 >= 60:
+        problems.append(f"--signal-delay {args.signal_delay} s is not shorter than --time {args.time} min; lower it")
     if args.gpus_per_node and tasks != args.gpus_per_node:
         problems.append(f"--tasks-per-node={tasks} but --gpus-per-node={args.gpus_per_node}: one rank per GPU")
     if problems:
@@ -120,12 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     world = args.nodes * tasks
     try:
-        config = load_config(args.config, args.overrides, world_size=world)
+        config = load_config(args.config, args.overrides, world_size=world, training=True)
     except (ConfigError, ValueError) as e:
-        print(f"error: {e} (for {args.nodes} nodes x {tasks} ranks)", file=sys.stderr)
+        print(f"error: {redact_text(str(e))} (for {args.nodes} nodes x {tasks} ranks)", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(to_yaml(config), end="")
+        print(to_yaml(config), end="")  # credentials redacted: the job itself gets the overrides as given
         print(f"# {world} ranks; sbatch parameters:")
         for key, value in sbatch_flags(args, tasks).items():
             print(f"#SBATCH --{key}" + ("" if value is True else f"={value}"))

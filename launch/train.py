@@ -2,7 +2,8 @@
 
 Runs as one process, or under torchrun, srun or the deepspeed launcher (one process per
 GPU). Exit codes: 0 done; 75 preempted after saving a checkpoint (requeue me); 2 bad
-config or data, before training starts; 1 training failed, on this rank or on another one.
+config or data (an unreadable data.url included), before training starts; 1 training failed,
+on this rank or on another one (a full disk included: the message says so).
 
 With more than one rank, a rank that fails tells the others (diffusion_dist/train/watchdog.py):
 its error and traceback are in its own log, and within seconds every other rank logs
@@ -12,13 +13,16 @@ its error and traceback are in its own log, and within seconds every other rank 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from diffusion_dist.config import ConfigError, load_config, to_yaml
-from diffusion_dist.data.manifest import DatasetError
+from diffusion_dist.config import Config, ConfigError, load_config, to_yaml
+from diffusion_dist.data.manifest import DatasetError, load_manifest
+from diffusion_dist.data.storage import redact_text, redact_url
 from diffusion_dist.distributed import process_from_env
 from diffusion_dist.evaluation import EvaluationError
 
@@ -45,13 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         process = process_from_env()
-        config = load_config(args.config, args.overrides, world_size=process.world_size)
+        config = load_config(args.config, args.overrides, world_size=process.world_size, training=True)
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
+    try:
+        check_data(config)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO if process.rank == 0 else logging.WARNING,
         format=f"%(asctime)s rank{process.rank} %(name)s: %(message)s",
@@ -78,9 +87,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         fail(e)
         return 1
+    except OSError as e:
+        fail(e)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A write into run.dir (config.yaml, metrics.jsonl, the export) found the disk or quota full;
+        # most writes fail in write(), whose error carries no file name: name the run directory then.
+        where = e.filename or Path(config.run.dir).resolve()
+        what = "no space left on" if e.errno == errno.ENOSPC else "disk quota exceeded on"
+        print(
+            f"error: {what} {where}; free space there (or set run.dir on a larger disk) and rerun the same "
+            "command: it resumes from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 1
     except BaseException as e:
         fail(e)
         raise  # the traceback, and exit code 1
+
+
+def check_data(config: Config) -> None:
+    """Read the dataset's manifest before any process group starts: a wrong data.url, endpoint or
+    credential is a DatasetError naming the URL (exit 2), not a traceback after start-up."""
+    url = config.data.url
+    try:
+        load_manifest(url, config.data.storage_options)
+    except DatasetError:
+        raise
+    except PermissionError as e:
+        raise DatasetError(
+            f"data.url={redact_url(url)}: access denied ({_reason(e)}); check the credentials "
+            "(data.storage_options key/secret, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+        ) from None
+    except ImportError as e:
+        raise DatasetError(
+            f"data.url={redact_url(url)}: no filesystem for this URL ({_reason(e)}); install its fsspec backend"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - unreachable endpoints, bad URLs: whatever fsspec's backend raises
+        raise DatasetError(
+            f"data.url={redact_url(url)}: cannot read the dataset ({_reason(e)}); check the URL, "
+            "data.storage_options (endpoint_url, credentials) and that the storage is reachable from this node"
+        ) from None
+
+
+def _reason(error: BaseException) -> str:
+    return redact_text(str(error).splitlines()[0] if str(error) else type(error).__name__)[:500]
 
 
 def _has_cuda() -> bool:

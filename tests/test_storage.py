@@ -24,6 +24,20 @@ def test_redact_text_cleans_urls_inside_messages():
     assert "https://10.0.0.1/x" in cleaned and "https://b.s3.amazonaws.com/k?<redacted>" in cleaned
 
 
+def test_redact_text_cleans_urls_of_every_scheme():
+    """Not only http(s): s3 and database URLs carry tokens in queries, OAuth callbacks in fragments."""
+    cases = {
+        "s3://bucket/x?token=t0k3n": "s3://bucket/x?<redacted>",
+        "s3://AKIA:se/cr@t@bucket/x": "s3://bucket/x",
+        "postgresql://mlflow:pw@db:5432/mlflow?sslpassword=pw": "postgresql://db:5432/mlflow?<redacted>",
+        "https://host/callback#access_token=t0k3n": "https://host/callback#<redacted>",
+        "file:///data/latents": "file:///data/latents",
+        "runs/demo": "runs/demo",
+    }
+    for text, cleaned in cases.items():
+        assert redact_text(text) == cleaned, text
+
+
 def test_retry_recovers_from_transient_errors():
     calls = []
 

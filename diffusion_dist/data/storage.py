@@ -70,12 +70,14 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
 
 
-_QUERY_IN_TEXT = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*", re.I)
+# Any scheme: s3://b/k?token=..., sqlite:///x?password=..., https://h/cb#access_token=... (OAuth fragments).
+_QUERY_IN_TEXT = re.compile(r"([a-z][a-z0-9+.-]*://[^\s?#'\"]*)([?#])[^\s'\"]*", re.I)
 
 
 def redact_text(text: str) -> str:
-    """An error message with user:password@ and query strings (presigned signatures) removed from its URLs."""
-    return _QUERY_IN_TEXT.sub(r"\1?<redacted>", _USERINFO_IN_TEXT.sub(r"\1", text))
+    """Text (a message, a config value) with user:password@, query strings (presigned signatures, tokens)
+    and fragments removed from every URL in it."""
+    return _QUERY_IN_TEXT.sub(r"\1\2<redacted>", _USERINFO_IN_TEXT.sub(r"\1", text))
 
 
 def retry(

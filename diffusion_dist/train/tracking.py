@@ -7,8 +7,9 @@ server is down or slow the thread retries with backoff and the queue holds up to
 count that the end of the run reports. The run id and a restart count live in every
 checkpoint, so a resumed or requeued job continues the same MLflow run.
 
-Credentials reach MLflow only through its own environment variables
-(MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN); params are the redacted config. launch.train
+Credentials reach MLflow through its own environment variables (MLFLOW_TRACKING_USERNAME /
+_PASSWORD / _TOKEN) or user:password@ in tracking.uri, which the client uses as given and every
+message shows without them; params, tags and the config artifact are the redacted config. launch.train
 sets MLflow's HTTP retries to 0 (this thread retries instead) and stops it printing run URLs.
 """
 
@@ -159,12 +160,14 @@ class Tracker:
         # DataLoader forks its workers could leave a child with an import lock held.
         import mlflow  # noqa: F401
 
+        # Params, tags and the run name are stored on the server: no URL in them keeps its credentials.
+        tags = {**(tags or {}), "restarts": str(restarts), **({RUN_KEY_TAG: run_key} if run_key else {})}
         opening = {
             "experiment": experiment,
             "artifact_root": artifact_root,
-            "run_name": run_name,
-            "params": params or {},
-            "tags": {**(tags or {}), "restarts": str(restarts), **({RUN_KEY_TAG: run_key} if run_key else {})},
+            "run_name": redact_text(run_name),
+            "params": {k: redact_text(v) for k, v in (params or {}).items()},
+            "tags": {k: redact_text(v) for k, v in tags.items()},
             "config_yaml": config_yaml,
         }
         self._pending.append(_Record("open", opening))
