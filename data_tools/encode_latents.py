@@ -316,7 +316,9 @@ def part_from_env(args: argparse.Namespace) -> tuple[int, int]:
         rank = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
     if world is None and "SLURM_ARRAY_TASK_COUNT" in env:
         world = int(env["SLURM_ARRAY_TASK_COUNT"])
-    rank, world = rank or 0, world or 1
+    rank, world = (0 if rank is None else rank), (1 if world is None else world)
+    if world < 1:
+        raise InputError(f"--world-size {world} must be >= 1")
     if not 0 <= rank < world:
         raise InputError(f"--rank {rank} must lie in [0, --world-size {world})")
     return rank, world

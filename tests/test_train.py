@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffusion_dist.pictures import grid_layout
 from diffusion_dist.train.checkpoint import committed_steps
 from tests.conftest import ROOT, free_port
 from tests.latent_data import write_dataset
@@ -337,7 +338,8 @@ def test_sample_cli_writes_a_grid_and_npz_deterministically(trained_export, tmp_
     assert a["images"].shape == (6, 8, 8, 3) and a["images"].dtype == np.uint8
     assert a["labels"].tolist() == [0, 0, 0, 3, 3, 3]
     assert np.array_equal(a["images"], b["images"]) and not np.array_equal(a["images"], c["images"])
-    assert Image.open(tmp_path / "a.png").size == (3 * 8, 2 * 8)
+    layout = grid_layout(6, 8, 8, rows=2, labels=["0", "3"])  # the labelled grid: 8 px cells enlarged to 64
+    assert layout.factor == 8 and Image.open(tmp_path / "a.png").size == layout.shape[1::-1]
     assert np.load(tmp_path / "d.npz")["images"].shape == (6, 8, 8, 3)
     bad = run_sample(trained_export, "--classes", "12", "--out", tmp_path / "e")
     assert bad.returncode == 2 and "outside [0, 10)" in bad.stderr

@@ -94,6 +94,8 @@ def retry(
         except PERMANENT_ERRORS:
             raise
         except TRANSIENT_ERRORS as e:
+            if getattr(e, "status", None) in (401, 403, 404):  # HTTP: a wrong credential or URL stays wrong
+                raise
             if attempt == attempts:
                 raise OSError(f"{what}: failed after {attempts} attempts: {redact_text(str(e))}") from e
             delay = min(base_delay * 2 ** (attempt - 1), max_delay)
