@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import os
 import platform
@@ -128,6 +127,13 @@ def bench_config(size: str, zero: int, variant: str, batch: int) -> Config:
     )
 
 
+def batch_draws(objective, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The loss's draws for the fixed batch, made per sample as the data loader makes them, on the device."""
+    generator = torch.Generator().manual_seed(0)
+    drawn = [objective.draw(generator, tuple(latents.shape[1:])) for _ in range(len(latents))]
+    return {name: torch.stack([d[name] for d in drawn]).to(latents.device) for name in drawn[0]}
+
+
 def trainer_step(config: Config, device: torch.device, latents: torch.Tensor, labels: torch.Tensor) -> Step:
     """One optimizer step as train() runs it (train/loop.py), on fixed device-resident latents."""
     objective = OBJECTIVES[config.model.kind].from_config(config)
@@ -139,15 +145,14 @@ def trainer_step(config: Config, device: torch.device, latents: torch.Tensor, la
     ema = EMA(engine.local_parameters, config.train.ema_decay, config.train.ema_warmup, engine.partitioned)
     metrics = MetricsLog(Path(tempfile.gettempdir()), 0, objective.diffusion.num_timesteps, device)
     layout = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    seeds = itertools.count()
+    draws = batch_draws(objective, latents)  # in training they come with each batch (data/stream.py)
 
     def network(z: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
         return engine(z.to(engine.input_dtype, memory_format=layout), *conditions).float()
 
     def step() -> None:
         for _ in range(engine.accumulation):
-            generator = torch.Generator(device).manual_seed(next(seeds))  # the loop's: one per micro batch
-            terms = objective.loss(network, latents, labels, generator)
+            terms = objective.loss(network, latents, labels, draws)
             engine.backward(objective.total(terms))
             metrics.add(terms)
         update = engine.step()
@@ -171,14 +176,14 @@ def plain_step(config: Config, device: torch.device, latents: torch.Tensor, labe
         model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay, fused=device.type == "cuda"
     )
     layout = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    generator = torch.Generator(device).manual_seed(0)
+    draws = batch_draws(objective, latents)
 
     def network(z: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16):  # around the network only, as the engine does
             return model(z.contiguous(memory_format=layout), *conditions).float()
 
     def step() -> None:
-        loss = objective.total(objective.loss(network, latents, labels, generator))
+        loss = objective.total(objective.loss(network, latents, labels, draws))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip, foreach=True)
         optimizer.step()

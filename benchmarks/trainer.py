@@ -26,7 +26,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from diffusion_dist.config import load_config  # noqa: E402
-from diffusion_dist.diffusion import GaussianDiffusion, diffusion_loss  # noqa: E402
+from diffusion_dist.diffusion import GaussianDiffusion, diffusion_draws, diffusion_loss  # noqa: E402
 from diffusion_dist.distributed import process_from_env  # noqa: E402
 from diffusion_dist.models import build_unet  # noqa: E402
 from diffusion_dist.train.loop import train  # noqa: E402
@@ -44,14 +44,9 @@ def bare_loop(args, latents: torch.Tensor, labels: torch.Tensor) -> float:
         if step == warmup:
             start = time.perf_counter()
         i = (step * args.batch) % (len(latents) - args.batch)
-        loss = diffusion_loss(
-            model,
-            diffusion,
-            latents[i : i + args.batch],
-            labels[i : i + args.batch],
-            null_label=1000,
-            generator=generator,
-        )["loss"].mean()
+        x0 = latents[i : i + args.batch]
+        draws = diffusion_draws(generator, x0.shape, diffusion.num_timesteps, p_uncond=0.1)
+        loss = diffusion_loss(model, diffusion, x0, labels[i : i + args.batch], draws, null_label=1000)["loss"].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

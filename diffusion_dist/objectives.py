@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from .diffusion import GaussianDiffusion, classifier_loss, diffusion_loss
+from .diffusion import GaussianDiffusion, classifier_draws, classifier_loss, diffusion_draws, diffusion_loss
 from .models import build_classifier, build_unet
 
 if TYPE_CHECKING:
@@ -49,10 +49,18 @@ class Objective:
     ) -> nn.Module:
         raise NotImplementedError
 
+    def draw(self, generator: torch.Generator, latent_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """One sample's random draws for `loss` (t, noise, ...), each without a batch axis, from `generator`.
+
+        The data loader calls it per sample with a generator keyed to the sample's global index, and
+        stacks the results: the loss of a sample does not depend on which rank computes it.
+        """
+        raise NotImplementedError
+
     def loss(
-        self, network: Network, latents: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+        self, network: Network, latents: torch.Tensor, labels: torch.Tensor, draws: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Per-sample terms of one Monte-Carlo draw, each (N,): "loss", "t" and the kind's own."""
+        """Per-sample terms for the batch's stacked `draws`, each (N,): "loss", "t" and the kind's own."""
         raise NotImplementedError
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -93,17 +101,20 @@ class DiffusionObjective(Objective):
     def build(size, in_channels, num_classes, *, learn_sigma, dropout=0.0, gradient_checkpointing=False) -> nn.Module:
         return build_unet(size, in_channels, num_classes, learn_sigma, dropout, gradient_checkpointing)
 
-    def loss(self, network, latents, labels, generator):
+    def draw(self, generator, latent_shape):
+        drawn = diffusion_draws(generator, (1, *latent_shape), self.diffusion.num_timesteps, self.p_uncond)
+        return {name: value[0] for name, value in drawn.items()}  # t (), eps (C, H, W), xi (C, H, W), drop ()
+
+    def loss(self, network, latents, labels, draws):
         return diffusion_loss(
             network,
             self.diffusion,
             latents,
             labels,
+            draws,
             null_label=self.null_label,
-            p_uncond=self.p_uncond,
             input_perturbation=self.input_perturbation,
             vlb_weight=self.vlb_weight,
-            generator=generator,
         )
 
 
@@ -118,14 +129,18 @@ class ClassifierObjective(Objective):
     def build(size, in_channels, num_classes, *, learn_sigma, dropout=0.0, gradient_checkpointing=False) -> nn.Module:
         return build_classifier(size, in_channels, num_classes, dropout, gradient_checkpointing)
 
-    def loss(self, network, latents, labels, generator):
+    def draw(self, generator, latent_shape):
+        drawn = classifier_draws(generator, (1, *latent_shape), self.diffusion.num_timesteps)
+        return {name: value[0] for name, value in drawn.items()}  # t (), eps (C, H, W)
+
+    def loss(self, network, latents, labels, draws):
         return classifier_loss(
             network,  # called as network(z_t, t): the classifier sees no labels
             self.diffusion,
             latents,
             labels,
+            draws,
             null_label=self.null_label,
-            generator=generator,
         )
 
     def total(self, terms):

@@ -69,7 +69,10 @@ class Run:
 
     def step(self) -> float:
         batch = next(self.batches)
-        terms = self.objective.loss(self.engine, batch.latents, batch.labels, torch.Generator().manual_seed(batch.seed))
+        generator = torch.Generator().manual_seed(batch.seed)
+        drawn = [self.objective.draw(generator, tuple(batch.latents.shape[1:])) for _ in batch.keys]
+        draws = {name: torch.stack([d[name] for d in drawn]) for name in drawn[0]}
+        terms = self.objective.loss(self.engine, batch.latents, batch.labels, draws)
         self.engine.backward(self.objective.total(terms))
         assert self.engine.step().applied
         self.ema.update()

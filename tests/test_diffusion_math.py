@@ -12,6 +12,7 @@ from diffusion_dist.diffusion import (
     classifier_grad,
     condition_mean,
     condition_score,
+    diffusion_draws,
     diffusion_loss,
     drop_labels,
     generate,
@@ -218,9 +219,8 @@ def test_zero_perturbation_is_the_plain_loss():
     model = RecordingModel()
     x0 = torch.randn(64, 3, 4, 4, dtype=torch.float64)
     labels = torch.randint(0, 10, (64,))
-    terms = diffusion_loss(
-        model, diffusion, x0, labels, null_label=10, input_perturbation=0.0, generator=torch.Generator().manual_seed(0)
-    )
+    draws = diffusion_draws(torch.Generator().manual_seed(0), x0.shape, diffusion.num_timesteps, 0.1, x0.dtype)
+    terms = diffusion_loss(model, diffusion, x0, labels, draws, null_label=10, input_perturbation=0.0)
     # z_t = sqrt(ᾱ) x0 + sqrt(1 − ᾱ) ε, so the model input determines ε; the target must be that ε.
     eps = diffusion.predict_eps_from_x0(model.z_t, terms["t"], x0)
     plain = ((eps - 0.5 * model.z_t) ** 2).mean(dim=(1, 2, 3))
@@ -241,44 +241,37 @@ def test_input_perturbation_perturbs_the_input_not_the_target():
             return self.input_noise
 
     model = EchoInputNoise()
-    terms = diffusion_loss(
-        model, diffusion, x0, labels, null_label=1, input_perturbation=gamma, generator=torch.Generator().manual_seed(1)
-    )
+    draws = diffusion_draws(torch.Generator().manual_seed(1), x0.shape, diffusion.num_timesteps, 0.1, x0.dtype)
+    terms = diffusion_loss(model, diffusion, x0, labels, draws, null_label=1, input_perturbation=gamma)
     assert model.input_noise.var().item() == pytest.approx(1 + gamma**2, rel=0.02)
     # Predicting ε + γξ instead of ε costs E‖γξ‖² = γ² per dimension.
     assert terms["mse"].mean().item() == pytest.approx(gamma**2, rel=0.02)
 
-    # The draws of t, ε and label dropout do not depend on γ.
-    plain = diffusion_loss(
-        model, diffusion, x0, labels, null_label=1, input_perturbation=0.0, generator=torch.Generator().manual_seed(1)
-    )
+    # The draws of t, ε and label dropout do not depend on γ (diffusion_draws does not take it), and
+    # with γ = 0 the input noise is exactly the target ε.
+    plain = diffusion_loss(model, diffusion, x0, labels, draws, null_label=1, input_perturbation=0.0)
     assert torch.equal(plain["t"], terms["t"]) and plain["mse"].max().item() < 1e-20
 
 
 def test_null_token_dropout_rate():
     n, p = 200_000, 0.1
     labels = torch.randint(0, 7, (n,))
-    dropped = drop_labels(labels, p, null_label=7, generator=torch.Generator().manual_seed(0))
+    draws = diffusion_draws(torch.Generator().manual_seed(0), (n,), 1000, p_uncond=p)
+    dropped = drop_labels(labels, draws["drop"], null_label=7)
     rate = (dropped == 7).float().mean().item()
     assert rate == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / n))
     kept = dropped != 7
     assert torch.equal(dropped[kept], labels[kept])
-    assert torch.equal(drop_labels(labels, 0.0, 7), labels)
+    never = diffusion_draws(torch.Generator().manual_seed(0), (n,), 1000, p_uncond=0.0)["drop"]
+    assert torch.equal(drop_labels(labels, never, 7), labels)
 
 
 def test_loss_feeds_dropped_labels_to_the_model():
     diffusion = GaussianDiffusion.from_schedule("linear")
     model = RecordingModel()
     n, p = 20_000, 0.25
-    diffusion_loss(
-        model,
-        diffusion,
-        torch.randn(n, 3, 1, 1),
-        torch.randint(0, 5, (n,)),
-        null_label=5,
-        p_uncond=p,
-        generator=torch.Generator().manual_seed(0),
-    )
+    draws = diffusion_draws(torch.Generator().manual_seed(0), (n, 3, 1, 1), diffusion.num_timesteps, p_uncond=p)
+    diffusion_loss(model, diffusion, torch.randn(n, 3, 1, 1), torch.randint(0, 5, (n,)), draws, null_label=5)
     assert (model.labels == 5).float().mean().item() == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / n))
     assert model.t.min() >= 0 and model.t.max() < 1000
 

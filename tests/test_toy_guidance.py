@@ -15,10 +15,12 @@ from torch import nn
 
 from diffusion_dist.diffusion import (
     GaussianDiffusion,
+    classifier_draws,
     classifier_free_guidance,
     classifier_grad,
     classifier_loss,
     conditional,
+    diffusion_draws,
     diffusion_loss,
     sample_ddim,
     sample_ddpm,
@@ -79,9 +81,9 @@ def trained_toy():
     for _ in range(600):
         labels = torch.randint(0, NUM_MODES, (256,), generator=g)
         x0 = CENTERS[labels] + STD * torch.randn(256, 2, generator=g)
-        loss = diffusion_loss(
-            model, diffusion, x0, labels, null_label=NUM_MODES, p_uncond=0.2, input_perturbation=0.1, generator=g
-        )["loss"].mean()
+        draws = diffusion_draws(g, x0.shape, diffusion.num_timesteps, p_uncond=0.2)
+        loss = diffusion_loss(model, diffusion, x0, labels, draws, null_label=NUM_MODES, input_perturbation=0.1)
+        loss = loss["loss"].mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -182,8 +184,10 @@ def unconditional_toy_and_classifier():
         labels = torch.randint(0, NUM_MODES, (256,), generator=g)
         x0 = CENTERS[labels] + STD * torch.randn(256, 2, generator=g)
         null = torch.zeros_like(labels)
-        denoising = diffusion_loss(model, diffusion, x0, null, null_label=0, p_uncond=0.0, generator=g)["loss"]
-        classification = classifier_loss(classifier, diffusion, x0, labels, null_label=NUM_MODES, generator=g)["loss"]
+        draws = diffusion_draws(g, x0.shape, diffusion.num_timesteps, p_uncond=0.0)
+        denoising = diffusion_loss(model, diffusion, x0, null, draws, null_label=0)["loss"]
+        draws = classifier_draws(g, x0.shape, diffusion.num_timesteps)
+        classification = classifier_loss(classifier, diffusion, x0, labels, draws, null_label=NUM_MODES)["loss"]
         optimizer.zero_grad()
         (denoising.mean() + classification.mean()).backward()
         optimizer.step()

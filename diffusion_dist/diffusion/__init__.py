@@ -4,7 +4,14 @@ Knows nothing of files, ranks, DeepSpeed or configs.
 """
 
 from .gaussian import VARIANCES, GaussianDiffusion, Prediction
-from .losses import classifier_loss, diffusion_loss, drop_labels, timestep_quartile_sums
+from .losses import (
+    classifier_draws,
+    classifier_loss,
+    diffusion_draws,
+    diffusion_loss,
+    drop_labels,
+    timestep_quartile_sums,
+)
 from .sampling import (
     SAMPLERS,
     classifier_free_guidance,
@@ -27,6 +34,7 @@ __all__ = [
     "GaussianDiffusion",
     "Prediction",
     "classifier_free_guidance",
+    "classifier_draws",
     "classifier_grad",
     "classifier_loss",
     "condition_mean",
@@ -34,6 +42,7 @@ __all__ = [
     "conditional",
     "ddim_step",
     "ddpm_step",
+    "diffusion_draws",
     "diffusion_loss",
     "drop_labels",
     "generate",

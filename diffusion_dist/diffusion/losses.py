@@ -16,15 +16,45 @@ ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 NoisyClassifierFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def drop_labels(
-    labels: torch.Tensor, p_uncond: float, null_label: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Replace each label by the null token ∅ with probability p_uncond.
+def diffusion_draws(
+    generator: torch.Generator,
+    shape: tuple[int, ...],
+    num_timesteps: int,
+    p_uncond: float,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """The random draws of `diffusion_loss` for N samples of `shape` = (N, ...), on the generator's device.
+
+    Drawn in this fixed order, whatever γ and p_uncond: "t" ~ U{0..T−1} (N,) int64, "eps" ε ~ N(0, I)
+    (shape), "xi" ξ ~ N(0, I) (shape), "drop" ~ Bernoulli(p_uncond) (N,) bool, the null-token
+    dropout. Runs that differ only in γ therefore see the same t, ε and dropout. The trainer calls it
+    per sample (N = 1) with a generator keyed to the sample (data/stream.py, "Draws").
+    """
+    n, device = shape[0], generator.device
+    t = torch.randint(0, num_timesteps, (n,), generator=generator, device=device)
+    eps = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    xi = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    drop = torch.rand(n, generator=generator, device=device) < p_uncond
+    return {"t": t, "eps": eps, "xi": xi, "drop": drop}
+
+
+def classifier_draws(
+    generator: torch.Generator, shape: tuple[int, ...], num_timesteps: int, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """The random draws of `classifier_loss` for N samples of `shape` = (N, ...), in this order:
+    "t" ~ U{0..T−1} (N,) int64, then "eps" ε ~ N(0, I) (shape)."""
+    n, device = shape[0], generator.device
+    t = torch.randint(0, num_timesteps, (n,), generator=generator, device=device)
+    eps = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return {"t": t, "eps": eps}
+
+
+def drop_labels(labels: torch.Tensor, drop: torch.Tensor, null_label: int) -> torch.Tensor:
+    """Replace the labels where `drop` is set by the null token ∅.
 
     Trains one network as both ε_θ(z, t, c) and ε_θ(z, t, ∅) for classifier-free guidance
     (Ho & Salimans 2022, Algorithm 1). Labels that already are ∅ (unlabelled data) stay ∅.
     """
-    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p_uncond
     return torch.where(drop, torch.full_like(labels, null_label), labels)
 
 
@@ -33,30 +63,24 @@ def diffusion_loss(
     diffusion: GaussianDiffusion,
     x0: torch.Tensor,
     labels: torch.Tensor,
+    draws: dict[str, torch.Tensor],
     *,
     null_label: int,
-    p_uncond: float = 0.1,
     input_perturbation: float = 0.1,
     vlb_weight: float = 0.001,
-    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One Monte-Carlo draw of the training loss for a batch; every term has shape (N,).
+    """The training loss of a batch for given draws (`diffusion_draws`); every term has shape (N,).
 
-    t ~ U{0..T−1}, ε, ξ ~ N(0, I). DDPM-IP (Ning et al. 2023, Algorithm 1) builds the model
-    input from the perturbed noise, z_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t)(ε + γ ξ), while the
-    target stays ε; this simulates the prediction error the sampler meets at test time.
-    γ = 0 is exactly the plain DDPM loss. The draws are made in a fixed order whatever γ,
-    so runs that differ only in γ see the same t, ε and label dropout.
+    DDPM-IP (Ning et al. 2023, Algorithm 1) builds the model input from the perturbed noise,
+    z_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t)(ε + γ ξ), while the target stays ε; this simulates the
+    prediction error the sampler meets at test time. γ = 0 is exactly the plain DDPM loss. The
+    labels are replaced by ∅ where draws["drop"] is set.
 
     Returns "loss" (what to average and backpropagate), "mse", "vb" and "t".
     """
-    n = x0.shape[0]
-    t = torch.randint(0, diffusion.num_timesteps, (n,), generator=generator, device=x0.device)
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    xi = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    labels = drop_labels(labels, p_uncond, null_label, generator)
-
-    z_t = diffusion.q_sample(x0, t, eps + input_perturbation * xi)
+    t, eps = draws["t"], draws["eps"]
+    labels = drop_labels(labels, draws["drop"], null_label)
+    z_t = diffusion.q_sample(x0, t, eps + input_perturbation * draws["xi"])
     model_output = model(z_t, diffusion.timesteps.to(t.device)[t], labels)
     terms = diffusion.loss_terms(model_output, x0, z_t, t, eps, vlb_weight)
     terms["t"] = t
@@ -68,20 +92,19 @@ def classifier_loss(
     diffusion: GaussianDiffusion,
     x0: torch.Tensor,
     labels: torch.Tensor,
+    draws: dict[str, torch.Tensor],
     *,
     null_label: int,
-    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Cross-entropy of p_φ(c | z_t, t) on z_t ~ q(z_t | x_0), t ~ U{0..T−1} (Dhariwal & Nichol 2021, Sec. 4.1).
+    """Cross-entropy of p_φ(c | z_t, t) on z_t ~ q(z_t | x_0) for given draws t, ε (`classifier_draws`)
+    (Dhariwal & Nichol 2021, Sec. 4.1).
 
     The classifier sees the same noisy inputs the sampler will guide, at every timestep of the
     training chain. Unlabelled samples (label ∅) weigh 0. Every term has shape (N,): "loss",
     "correct" (1 where the argmax is the label), "labelled" (the weights) and "t".
     """
-    n = x0.shape[0]
-    t = torch.randint(0, diffusion.num_timesteps, (n,), generator=generator, device=x0.device)
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    logits = classifier(diffusion.q_sample(x0, t, eps), diffusion.timesteps.to(t.device)[t]).float()
+    t = draws["t"]
+    logits = classifier(diffusion.q_sample(x0, t, draws["eps"]), diffusion.timesteps.to(t.device)[t]).float()
     labelled = labels != null_label
     target = torch.where(labelled, labels, torch.zeros_like(labels))
     loss = F.cross_entropy(logits, target, reduction="none") * labelled

@@ -104,7 +104,9 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
                 generator = torch.Generator(device).manual_seed(batch.seed)
                 latents = batch.latents.to(device, non_blocking=True)
                 labels = batch.labels.to(device, non_blocking=True)
-                terms = objective.loss(network, latents, labels, generator)
+                drawn = [objective.draw(generator, tuple(latents.shape[1:])) for _ in range(len(latents))]
+                draws = {name: torch.stack([d[name] for d in drawn]) for name in drawn[0]}
+                terms = objective.loss(network, latents, labels, draws)
                 engine.backward(objective.total(terms))
                 metrics.add(terms)
                 if keys_log:
