@@ -6,7 +6,10 @@ Local shards of 4×32×32 latents stored as float16 moments (8×32×32, 16 KiB a
 - raw: reading the same shard files sequentially, bytes only (the ceiling for any parser);
 - webdataset: `webdataset.WebDataset(urls).decode()` iterated sample by sample;
 - ours: LatentLoader in one process (num_workers=0), full work per sample: parse, draw
-  z = mean + std·ε, scale, batch; and with 1 and 2 DataLoader workers.
+  z = mean + std·ε (ε from the sample's own generator), scale, batch; and with 1 and 2
+  DataLoader workers;
+- ours with the objective's draws (what the trainer asks for): also t, ε, ξ and label
+  dropout per sample from its own generator, stacked with the batch.
 Targets: ours >= 3× webdataset, >= 30,000 samples/s in one process, 2 workers close to 2× one.
 """
 
@@ -26,6 +29,8 @@ import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from diffusion_dist.data.stream import LatentLoader  # noqa: E402
+from diffusion_dist.diffusion import GaussianDiffusion  # noqa: E402
+from diffusion_dist.objectives import DiffusionObjective  # noqa: E402
 from tests.latent_data import write_dataset  # noqa: E402
 
 
@@ -48,8 +53,8 @@ def plain_webdataset(paths: list[Path], samples: int) -> float:
     return rate(count, time.perf_counter() - start)
 
 
-def ours(root: Path, batch_size: int, num_workers: int, samples: int) -> float:
-    loader = LatentLoader(str(root), batch_size=batch_size, null_label=1000, num_workers=num_workers)
+def ours(root: Path, batch_size: int, num_workers: int, samples: int, draws=None) -> float:
+    loader = LatentLoader(str(root), batch_size=batch_size, null_label=1000, num_workers=num_workers, draws=draws)
     batches = loader.batches_per_epoch(0)
     iterator = iter(loader)
     next(iterator)  # start-up (workers, first group) is not throughput
@@ -65,6 +70,7 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
+    objective = DiffusionObjective(GaussianDiffusion.from_schedule("linear"), 1000)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_dataset(
@@ -79,6 +85,8 @@ def main() -> None:
             "LatentLoader, in process": ours(root, args.batch_size, 0, samples),
             "LatentLoader, 1 worker": ours(root, args.batch_size, 1, samples),
             "LatentLoader, 2 workers": ours(root, args.batch_size, 2, samples),
+            "LatentLoader + loss draws, in process": ours(root, args.batch_size, 0, samples, objective.draw),
+            "LatentLoader + loss draws, 2 workers": ours(root, args.batch_size, 2, samples, objective.draw),
         }
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "

@@ -58,8 +58,10 @@ class Run:
 
     def __init__(self, config) -> None:
         torch.manual_seed(0)
-        self.data = LatentLoader(config.data.url, batch_size=4, null_label=5, num_workers=0, seed=config.run.seed)
         self.objective = OBJECTIVES["unet"].from_config(config)
+        self.data = LatentLoader(
+            config.data.url, batch_size=4, null_label=5, seed=config.run.seed, draws=self.objective.draw
+        )
         model = self.objective.build("UNet-T", 4, 5, learn_sigma=True)
         self.engine = Engine(model, config, 1, torch.device("cpu"))
         self.ema = EMA(self.engine.local_parameters, 0.9, partitioned=self.engine.partitioned)
@@ -69,10 +71,7 @@ class Run:
 
     def step(self) -> float:
         batch = next(self.batches)
-        generator = torch.Generator().manual_seed(batch.seed)
-        drawn = [self.objective.draw(generator, tuple(batch.latents.shape[1:])) for _ in batch.keys]
-        draws = {name: torch.stack([d[name] for d in drawn]) for name in drawn[0]}
-        terms = self.objective.loss(self.engine, batch.latents, batch.labels, draws)
+        terms = self.objective.loss(self.engine, batch.latents, batch.labels, batch.draws)
         self.engine.backward(self.objective.total(terms))
         assert self.engine.step().applied
         self.ema.update()

@@ -1,12 +1,16 @@
-"""The streaming latent dataset: splitting, order, per-sample draws, exact resume, object storage."""
+"""The streaming latent dataset: lanes, one global order on any number of ranks and workers,
+per-sample draws, exact resume across world sizes, failures, object storage."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import signal
 import subprocess
 import sys
+import threading
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -16,12 +20,26 @@ import torch
 from data_tools import encode_latents
 from data_tools.make_digits import write_digits
 from diffusion_dist.data import stream as stream_module
-from diffusion_dist.data.manifest import DatasetError
-from diffusion_dist.data.stream import LatentLoader, batches_per_slot, epoch_plan
+from diffusion_dist.data.manifest import DatasetError, manifest_bytes
+from diffusion_dist.data.stream import (
+    STREAM_OBJECTIVE,
+    STREAM_POSTERIOR,
+    LatentLoader,
+    ShardReader,
+    chunk_sizes,
+    epoch_plan,
+    flip_bits,
+    rank_lanes,
+    sample_seeds,
+    steps_in_epoch,
+)
+from diffusion_dist.diffusion import GaussianDiffusion
+from diffusion_dist.objectives import DiffusionObjective
 from tests.conftest import ROOT
 from tests.latent_data import write_dataset
 
 UNEVEN = [37, 5, 61, 12, 29, 3, 44, 18, 50, 7, 23, 31, 2, 40]  # 362 samples in 14 shards
+OBJECTIVE = DiffusionObjective(GaussianDiffusion.from_schedule("linear", 50), 5, p_uncond=0.3)
 
 
 @contextmanager
@@ -54,103 +72,226 @@ def loader(url, rank=0, world_size=1, num_workers=0, batch_size=4, **kwargs) -> 
     )
 
 
-def keys_by_epoch(source: LatentLoader, epochs: int) -> dict[int, list[list[str]]]:
-    """Batches of keys per epoch, for the first `epochs` epochs."""
-    out: dict[int, list[list[str]]] = {}
-    with deadline(120):
-        for batch in source:
-            if batch.epoch >= epochs:
-                break
-            out.setdefault(batch.epoch, []).append(batch.keys)
-    return out
-
-
 def take(source: LatentLoader, n: int) -> list[list[str]]:
     with deadline(120):
         return [b.keys for b in itertools.islice(source, n)]
 
 
-def test_epoch_plan_deals_every_shard_once_and_balances_slots():
+def global_steps(ranks: list[LatentLoader], steps: int) -> list[dict]:
+    """The first `steps` global batches, each rank's micro batches joined in rank order:
+    {"keys", "epoch", "positions", "latents", "draws"} per step."""
+    per_rank = []
+    for rank in ranks:
+        with deadline(120):
+            per_rank.append(list(itertools.islice(rank, steps * rank.accumulation)))
+    out = []
+    for step in range(steps):
+        batches = [
+            b
+            for rank, got in zip(ranks, per_rank, strict=True)
+            for b in got[step * rank.accumulation :][: rank.accumulation]
+        ]
+        out.append(
+            {
+                "keys": [k for b in batches for k in b.keys],
+                "epoch": {b.epoch for b in batches},
+                "positions": torch.cat([b.positions for b in batches]),
+                "latents": torch.cat([b.latents for b in batches]),
+                "draws": {name: torch.cat([b.draws[name] for b in batches]) for name in batches[0].draws},
+            }
+        )
+    return out
+
+
+def assert_same_steps(got: list[dict], expected: list[dict]) -> None:
+    assert [s["keys"] for s in got] == [s["keys"] for s in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert a["epoch"] == b["epoch"] and len(a["epoch"]) == 1
+        assert torch.equal(a["positions"], b["positions"])
+        assert torch.equal(a["latents"], b["latents"])
+        assert a["draws"].keys() == b["draws"].keys() and all(
+            torch.equal(a["draws"][k], b["draws"][k]) for k in a["draws"]
+        )
+
+
+def test_epoch_plan_deals_every_shard_once_and_balances_lanes():
     sizes = tuple(UNEVEN)
     for epoch in range(3):
         plan = epoch_plan(sizes, 4, seed=7, epoch=epoch)
-        assert sorted(s for slot in plan for s in slot) == list(range(len(sizes)))
-        totals = [sum(sizes[s] for s in slot) for slot in plan]
+        assert sorted(s for lane in plan for s in lane) == list(range(len(sizes)))
+        totals = [sum(sizes[s] for s in lane) for lane in plan]
         assert max(totals) - min(totals) <= max(sizes)
         assert epoch_plan(sizes, 4, seed=7, epoch=epoch) == plan  # a pure function
     assert epoch_plan(sizes, 4, 7, 0) != epoch_plan(sizes, 4, 7, 1)
-    assert batches_per_slot(epoch_plan(sizes, 4, 7, 0), sizes, 4) >= (sum(sizes) - 4 * max(sizes)) // 16
+    assert steps_in_epoch(epoch_plan(sizes, 4, 7, 0), sizes, chunk_sizes(16, 4)) >= (sum(sizes) - 4 * max(sizes)) // 16
 
 
-def test_two_ranks_two_workers_over_uneven_shards(tmp_path):
+def test_chunks_and_rank_slices_cover_the_global_batch_once():
+    assert chunk_sizes(12, 4) == [3, 3, 3, 3] and chunk_sizes(14, 4) == [4, 4, 3, 3]
+    for batch, lanes, world in [(12, 4, 1), (12, 4, 2), (12, 4, 3), (14, 4, 7), (16, 6, 4)]:
+        chunks = chunk_sizes(batch, lanes)
+        taken = [
+            sum(chunks[:lane]) + k
+            for rank in range(world)
+            for lane, first, stop in rank_lanes(chunks, rank, world)
+            for k in range(first, stop)
+        ]
+        assert taken == list(range(batch))  # every position once, ranks in order
+    assert rank_lanes(chunk_sizes(12, 4), 1, 3) == [(1, 1, 3), (2, 0, 2)]  # lanes 1 and 2 are shared with ranks 0, 2
+
+
+@pytest.fixture
+def uneven(tmp_path):
     write_dataset(str(tmp_path), UNEVEN)
-    ranks = [loader(tmp_path, rank=r, world_size=2, num_workers=2) for r in range(2)]
-    epochs = [keys_by_epoch(r, epochs=2) for r in ranks]
-    for epoch in range(2):
-        counts = [len(e[epoch]) for e in epochs]
-        assert counts[0] == counts[1] == ranks[0].batches_per_epoch(epoch) > 0
-        keys = [k for e in epochs for batch in e[epoch] for k in batch]
-        assert len(keys) == len(set(keys)), "a sample was read twice in one epoch"
-        # Documented remainder: each of the 4 slots leaves out < largest shard + batch size.
-        assert len(keys) > sum(UNEVEN) - 4 * (max(UNEVEN) + 4)
-    assert epochs[0][0] != epochs[0][1]  # reshuffled per epoch
-    rank0 = [k for batch in epochs[0][0] for k in batch]
-    assert len({k.split("/")[0] for k in rank0[:16]}) > 2, "a worker's batches should mix several shards"
+    return tmp_path
 
 
-def test_order_is_a_pure_function_of_seed_and_layout(tmp_path):
-    write_dataset(str(tmp_path), UNEVEN)
-    first = take(loader(tmp_path, num_workers=2), 12)
-    assert take(loader(tmp_path, num_workers=2), 12) == first
-    assert take(loader(tmp_path, num_workers=2, seed=8), 12) != first
+def four_lanes(url) -> dict:
+    """The state of a run first started on 2 ranks × 2 workers: 4 lanes, global batch 12, micro batch 2."""
+    return loader(url, world_size=2, num_workers=2, batch_size=2, global_batch=12, draws=OBJECTIVE.draw).state_dict()
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("stops", [[7], [3, 9], ["boundary-1"], ["boundary+3"]])
-def test_resume_continues_the_exact_key_sequence(tmp_path, num_workers, stops):
-    write_dataset(str(tmp_path), UNEVEN)
-    per_epoch = loader(tmp_path, rank=1, world_size=2, num_workers=num_workers).batches_per_epoch(0)
-    stops = [per_epoch + int(s.removeprefix("boundary")) if isinstance(s, str) else s for s in stops]
-    total = max(stops) + per_epoch  # runs well into the next epoch
-    expected = take(loader(tmp_path, rank=1, world_size=2, num_workers=num_workers), total)
-
-    got, state, consumed = [], None, 0
-    for stop in [*stops, total]:
-        current = loader(tmp_path, rank=1, world_size=2, num_workers=num_workers)
-        if state is not None:
-            current.load_state_dict(json.loads(json.dumps(state)))  # the state survives serialisation
-        got += take(current, stop - consumed)
-        consumed, state = stop, current.state_dict()
-    assert got == expected
+def ranks_of(url, world_size, num_workers, state, **kwargs) -> list[LatentLoader]:
+    ranks = []
+    for rank in range(world_size):
+        source = loader(
+            url, rank, world_size, num_workers, batch_size=2, global_batch=12, draws=OBJECTIVE.draw, **kwargs
+        )
+        source.load_state_dict(json.loads(json.dumps(state)))  # the state survives serialisation
+        ranks.append(source)
+    return ranks
 
 
-def test_resume_reads_no_consumed_group_again(tmp_path, monkeypatch):
-    write_dataset(str(tmp_path), UNEVEN)
-    first = loader(tmp_path, batch_size=4, shuffle_shards=2)
+def test_global_batches_are_the_same_on_any_number_of_ranks_and_workers(uneven):
+    state = four_lanes(uneven)
+    reference = ranks_of(uneven, 1, 0, state)
+    per_epoch = reference[0].steps_per_epoch(0)
+    expected = global_steps(reference, per_epoch + 3)  # into the next epoch
+    for world_size, num_workers in itertools.product([1, 2, 3], [0, 1, 2]):
+        if (world_size, num_workers) != (1, 0):
+            assert_same_steps(global_steps(ranks_of(uneven, world_size, num_workers, state), per_epoch + 3), expected)
+
+    epoch_0 = [k for s in expected[:per_epoch] for k in s["keys"]]
+    assert len(epoch_0) == len(set(epoch_0)) == 12 * per_epoch, "a sample was taken twice in one epoch"
+    # Documented remainder: each of the 4 lanes leaves out < largest shard + its chunk.
+    assert len(epoch_0) > sum(UNEVEN) - 4 * (max(UNEVEN) + 3)
+    assert [s["epoch"] for s in expected] == [{0}] * per_epoch + [{1}] * 3
+    assert expected[0]["keys"] != expected[per_epoch]["keys"]  # reshuffled per epoch
+    assert torch.equal(expected[1]["positions"], torch.arange(12, 24))
+    assert len({k.split("/")[0] for k in epoch_0[:24]}) > 4, "lanes should mix several shards"
+
+
+def test_each_samples_draws_depend_only_on_its_global_index(uneven):
+    """Recomputed for one sample alone: its flip, its posterior ε and the objective's draws."""
+    state = four_lanes(uneven)
+    batch = list(itertools.islice(ranks_of(uneven, 3, 1, state)[1], 9))[-1]  # step 4 of rank 1 of 3
+    assert batch.epoch == 0 and batch.positions.tolist() == [4 * 12 + 4, 4 * 12 + 5]
+    for i, index in enumerate(batch.positions.tolist()):
+        alone = OBJECTIVE.draw(
+            torch.Generator().manual_seed(int(sample_seeds(7, 0, [index], STREAM_OBJECTIVE)[0])), (4, 4, 4)
+        )
+        assert all(torch.equal(batch.draws[name][i], alone[name]) for name in alone)
+        eps = torch.randn(
+            (4, 4, 4), generator=torch.Generator().manual_seed(int(sample_seeds(7, 0, [index], STREAM_POSTERIOR)[0]))
+        )
+        mean = -1.0 if flip_bits(7, 0, [index])[0] else 1.0
+        std = math.exp(float(np.float16(2 * math.log(0.5))) / 2)
+        torch.testing.assert_close(batch.latents[i], ((mean + std * eps) - 0.2) * 0.5)
+    assert set(batch.draws) == {"t", "eps", "xi", "drop"} and batch.draws["eps"].shape == (2, 4, 4, 4)
+
+
+def test_resume_on_other_world_sizes_continues_the_global_sequence(uneven):
+    """2 ranks × 2 workers → killed → 1 rank in-process → killed → 3 ranks × 1 worker, into the next epoch."""
+    state = four_lanes(uneven)
+    per_epoch = ranks_of(uneven, 1, 0, state)[0].steps_per_epoch(0)
+    total = per_epoch + 4
+    expected = global_steps(ranks_of(uneven, 2, 2, state), total)
+
+    got = []
+    for (world_size, num_workers), steps in zip([(2, 2), (1, 0), (3, 1)], [7, 9, total - 16], strict=True):
+        ranks = ranks_of(uneven, world_size, num_workers, state)
+        got += global_steps(ranks, steps)
+        states = [r.state_dict() for r in ranks]
+        assert all(s == states[0] for s in states), "every rank holds the same state"
+        state = states[0]
+    assert_same_steps(got, expected)
+    keys = [k for s in got[:per_epoch] for k in s["keys"]]
+    assert len(keys) == len(set(keys)), "a sample was skipped or repeated across the changes"
+
+
+def test_a_state_taken_inside_a_step_resumes_at_the_steps_first_micro_batch(uneven):
+    first = loader(uneven, batch_size=2, global_batch=6)  # 3 micro batches a step
+    whole = take(loader(uneven, batch_size=2, global_batch=6), 6)
+    assert take(first, 4) == whole[:4]
+    assert first.state_dict()["step"] == 1
+    assert take(first, 2) == whole[4:6]  # the same object goes on where it stopped
+    resumed = loader(uneven, batch_size=2, global_batch=6)
+    resumed.load_state_dict({**first.state_dict(), "step": 1})
+    assert take(resumed, 3) == whole[3:6]
+
+
+def test_order_is_a_pure_function_of_the_seed(uneven):
+    first = take(loader(uneven, num_workers=2), 12)
+    assert take(loader(uneven, num_workers=2), 12) == first
+    assert take(loader(uneven, num_workers=2, seed=8), 12) != first
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_resume_reads_no_consumed_group_again(uneven, monkeypatch, world_size):
+    first = loader(uneven, batch_size=4, shuffle_shards=2)  # one lane
     take(first, 40)  # 160 samples: well past the first groups of shards
     state = first.state_dict()
-    position = state["positions"][0]
-    assert position["group"] >= 2
 
     reads = []
-    original = stream_module.read_bytes
-    monkeypatch.setattr(stream_module, "read_bytes", lambda fs, path: reads.append(path) or original(fs, path))
-    resumed = loader(tmp_path, batch_size=4, shuffle_shards=2)
-    resumed.load_state_dict(state)
-    take(resumed, 1)
-    shards = epoch_plan(tuple(UNEVEN), 1, 7, position["epoch"])[0]
-    consumed_groups = {f"{s:06d}-000.tar" for s in shards[: 2 * position["group"]]}
-    assert reads and not {p.rsplit("/", 1)[-1] for p in reads} & consumed_groups
+    original = stream_module._get_object
+    monkeypatch.setattr(stream_module, "_get_object", lambda fs, path: reads.append(path) or original(fs, path))
+    for rank in range(world_size):
+        resumed = loader(uneven, rank=rank, world_size=world_size, batch_size=4 // world_size, global_batch=4)
+        resumed.load_state_dict(state)
+        take(resumed, 1)
+    shards = epoch_plan(tuple(UNEVEN), 1, 7, 0)[0]
+    groups = [shards[i : i + 2] for i in range(0, len(shards), 2)]
+    consumed = list(itertools.takewhile(lambda g: sum(UNEVEN[s] for s in g) <= 160, itertools.accumulate(groups)))
+    consumed_shards = {f"{s:06d}-000.tar" for s in consumed[-1]} if consumed else set()
+    assert len(consumed_shards) >= 4
+    assert reads and not {p.rsplit("/", 1)[-1] for p in reads} & consumed_shards
 
 
-def test_layout_change_restarts_at_the_next_epoch(tmp_path, caplog):
-    write_dataset(str(tmp_path), UNEVEN)
-    first = loader(tmp_path, num_workers=0)
-    take(first, 5)
-    other = loader(tmp_path, num_workers=2)
-    other.load_state_dict(first.state_dict())
-    assert "exact resume is impossible" in caplog.text
-    assert other.epoch == 1
+def test_a_changed_global_batch_or_seed_is_refused(uneven, caplog):
+    first = loader(uneven, batch_size=2, global_batch=12)
+    take(first, 6 * 3)  # 3 steps
+    state = first.state_dict()
+    other = loader(uneven, batch_size=2, global_batch=8)
+    with pytest.raises(DatasetError, match=r"train.global_batch_size was 12 .* is 8 now.*allow_batch_change"):
+        other.load_state_dict(state)
+    other.load_state_dict(state, allow_batch_change=True)
+    assert "the rest of epoch 0 (3 of its global batches were taken) is skipped" in caplog.text
+    assert other.epoch == 1 and next(iter(other)).epoch == 1
+    with pytest.raises(DatasetError, match=r"run.seed was 7 .* is 8 now; .* set run.seed=7 to resume"):
+        loader(uneven, batch_size=2, global_batch=12, seed=8).load_state_dict(state)
+    with pytest.raises(DatasetError, match="data.shuffle_shards was 2"):
+        loader(uneven, batch_size=2, global_batch=12, shuffle_shards=3).load_state_dict(state)
+    with pytest.raises(DatasetError, match="shard list differs"):
+        loader(uneven, batch_size=2, global_batch=12).load_state_dict({**state, "shards": "0123"})
+
+
+def test_state_is_plain_data_and_keeps_the_runs_lanes(uneven):
+    source = loader(uneven, num_workers=2, batch_size=2, global_batch=8)
+    take(source, 6)
+    state = source.state_dict()
+    assert json.loads(json.dumps(state)) == state
+    assert {k: state[k] for k in ("epoch", "step", "lanes", "global_batch", "seed", "shuffle_shards")} == {
+        "epoch": 0,
+        "step": 1,
+        "lanes": 2,
+        "global_batch": 8,
+        "seed": 7,
+        "shuffle_shards": 2,
+    }
+    elsewhere = loader(uneven, rank=1, world_size=4, num_workers=2, batch_size=2, global_batch=8)
+    assert elsewhere.order.lanes == 8
+    elsewhere.load_state_dict(state)
+    assert elsewhere.state_dict() == state  # the run's 2 lanes, whatever the new layout would choose
 
 
 def test_latents_are_drawn_from_the_moments_and_scaled(tmp_path):
@@ -168,6 +309,21 @@ def test_latents_are_drawn_from_the_moments_and_scaled(tmp_path):
     again = next(iter(loader(tmp_path, batch_size=256)))
     assert torch.equal(again.latents, batch.latents)
     assert not torch.equal(next(iter(loader(tmp_path, batch_size=256, seed=8))).latents, batch.latents)
+    assert batch.draws == {}  # no draw function, no draws
+
+
+def test_the_objectives_draws_have_their_distributions(tmp_path):
+    write_dataset(str(tmp_path), [200, 200], shape=(4, 8, 8))
+    draws = next(iter(loader(tmp_path, batch_size=256, draws=OBJECTIVE.draw))).draws
+    assert draws["t"].dtype == torch.long and 0 <= draws["t"].min() and draws["t"].max() < 50
+    assert len(draws["t"].unique()) > 40
+    assert draws["drop"].float().mean().item() == pytest.approx(0.3, abs=4 * math.sqrt(0.3 * 0.7 / 256))
+    for name in ("eps", "xi"):
+        assert draws[name].shape == (256, 4, 8, 8)
+        assert draws[name].mean().item() == pytest.approx(0, abs=0.02) and draws[name].std().item() == pytest.approx(
+            1, rel=0.02
+        )
+    assert not torch.equal(draws["eps"], draws["xi"])
 
 
 def test_labels_and_the_null_label(tmp_path):
@@ -193,11 +349,90 @@ def test_bad_datasets_are_clear_errors_before_training(tmp_path):
     with pytest.raises(DatasetError, match="has no samples"):
         loader(tmp_path / "empty")
     write_dataset(str(tmp_path / "small"), [3, 3])
-    with pytest.raises(DatasetError, match="cannot give each of 4 readers"):
+    with pytest.raises(DatasetError, match="cannot give each of 4 lanes"):
         loader(tmp_path / "small", world_size=2, num_workers=2, batch_size=4)
     write_dataset(str(tmp_path / "classes"), [10], num_classes=9)
     with pytest.raises(DatasetError, match="set model.num_classes >= 9"):
         loader(tmp_path / "classes")
+    with pytest.raises(ValueError, match="global batch 10 is not a multiple of batch size 4 × world size 1"):
+        loader(tmp_path / "classes", global_batch=10)
+
+
+def test_a_shard_with_other_latents_is_skipped_or_fails_in_strict_mode(tmp_path, caplog):
+    """A shard whose latents have another shape (its manifest entry otherwise right) must not reach np.stack."""
+    manifest = write_dataset(str(tmp_path / "data"), [30, 30, 30])
+    wrong = write_dataset(str(tmp_path / "wrong"), [30, 30], shape=(4, 8, 8))["shards"][1]
+    (tmp_path / "data" / wrong["name"]).write_bytes((tmp_path / "wrong" / wrong["name"]).read_bytes())
+    manifest["shards"][1] = wrong
+    (tmp_path / "data" / "manifest.json").write_bytes(manifest_bytes(manifest))
+
+    source = loader(tmp_path / "data", batch_size=4, shuffle_shards=1)
+    keys = [k for batch in take(source, source.batches_per_epoch(0)) for k in batch]
+    assert keys and not [k for k in keys if k.startswith("s001/")] and source.skipped_shards == 1
+    assert "000001-000.tar: s001/0000.latent.npy holds float16 [8, 8, 8], the manifest says float16 [8, 4, 4]" in (
+        caplog.text
+    )
+    with pytest.raises(DatasetError, match=r"shard .*/000001-000\.tar cannot be read: s001/0000.latent.npy holds"):
+        take(loader(tmp_path / "data", batch_size=4, shuffle_shards=1, strict=True), 30)
+
+
+class FlakyStorage:
+    """_get_object that fails `failures` times per path with a transient error, then reads."""
+
+    def __init__(self, failures: int, error: type[Exception] = ConnectionResetError) -> None:
+        self.failures, self.error, self.calls = failures, error, {}
+        self.original = stream_module._get_object
+
+    def __call__(self, fs, path):
+        self.calls[path] = self.calls.get(path, 0) + 1
+        if self.calls[path] <= self.failures:
+            raise self.error(f"connection reset reading {path}")
+        return self.original(fs, path)
+
+
+def reader(url, read_timeout: float, closing: threading.Event | None = None) -> ShardReader:
+    return ShardReader(loader(url).info, False, read_timeout, closing or threading.Event())
+
+
+def test_transient_errors_are_retried_and_do_not_drop_the_shard(uneven, monkeypatch, caplog):
+    monkeypatch.setattr(stream_module, "RETRY_BASE_S", 0.01)
+    monkeypatch.setattr(stream_module, "_get_object", FlakyStorage(failures=2))
+    unreadable = set()
+    samples, skipped = reader(uneven, read_timeout=30).read_group([0, 1], unreadable)
+    assert len(samples) == UNEVEN[0] + UNEVEN[1] and not skipped and not unreadable
+    assert "connection reset" in caplog.text and "retry 2" in caplog.text
+
+    # Still failing at the end of read_timeout: skipped in this group, not for the rest of the epoch.
+    monkeypatch.setattr(stream_module, "_get_object", FlakyStorage(failures=10**6))
+    samples, skipped = reader(uneven, read_timeout=0.3).read_group([0, 1], unreadable)
+    assert not samples and skipped == ["000000-000.tar", "000001-000.tar"] and not unreadable
+    # A missing shard is skipped for the rest of the epoch.
+    monkeypatch.setattr(stream_module, "_get_object", FlakyStorage(failures=1, error=FileNotFoundError))
+    samples, skipped = reader(uneven, read_timeout=30).read_group([2], unreadable)
+    assert not samples and skipped == ["000002-000.tar"] and unreadable == {2}
+
+
+def test_a_retrying_read_stays_responsive(uneven, monkeypatch):
+    """Signal handlers of the main process run while its in-process loader waits for a read that is
+    retried, and closing the stream ends the retry's wait at once."""
+    monkeypatch.setattr(stream_module, "RETRY_BASE_S", 0.2)
+    monkeypatch.setattr(stream_module, "_get_object", FlakyStorage(failures=2))  # ≥ 0.3 s a shard
+    handled = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: handled.append(time.monotonic()))
+    try:
+        threading.Timer(0.2, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)).start()
+        with deadline(60):
+            next(iter(loader(uneven, read_timeout=60)))
+        assert handled and handled[0] < time.monotonic() - 0.2  # handled while it waited, not after
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+    monkeypatch.setattr(stream_module, "_get_object", FlakyStorage(failures=10**6))
+    closing = threading.Event()
+    threading.Timer(0.3, closing.set).start()
+    started = time.monotonic()
+    _, skipped = reader(uneven, read_timeout=600, closing=closing).read_group([0], set())
+    assert skipped and time.monotonic() - started < 3
 
 
 def test_the_encoder_output_streams(tmp_path):
@@ -260,11 +495,11 @@ def test_s3_truncated_and_missing_shards_are_skipped_and_counted(s3, caplog):
                     break
                 batches.append(batch.keys)
                 skipped_in_epoch_0 = rank.skipped_shards
-        epochs.append({0: batches})
+        epochs.append(batches)
         skipped += skipped_in_epoch_0
-    assert len(epochs[0][0]) == len(epochs[1][0]) == ranks[0].batches_per_epoch(0)  # still equal: no hang
-    assert skipped == 2  # each bad shard counted once, however many passes its slot needed
-    keys = {k for e in epochs for batch in e[0] for k in batch}
+    assert len(epochs[0]) == len(epochs[1]) == ranks[0].batches_per_epoch(0)  # still equal: no hang
+    assert skipped == 2  # each bad shard counted once, however many passes its lane needed
+    keys = {k for batches in epochs for batch in batches for k in batch}
     assert not {k for k in keys if k.startswith(("s002/", "s006/"))}
 
     # The warnings name the shards (read in-process here: worker logs go to the workers' stderr).
@@ -294,15 +529,6 @@ def test_workers_forked_after_s3fs_was_used_do_not_hang(s3):
     with deadline(60):
         batches = list(itertools.islice(source, 20))
     assert len(batches) == 20 and all(b.latents.shape == (4, 4, 4, 4) for b in batches)
-
-
-def test_state_dict_keys_are_plain_data(tmp_path):
-    write_dataset(str(tmp_path), UNEVEN)
-    source = loader(tmp_path, num_workers=2)
-    take(source, 3)
-    state = source.state_dict()
-    assert json.loads(json.dumps(state)) == state
-    assert np.asarray([p["batch"] for p in state["positions"]]).sum() == 3
 
 
 def test_a_process_exits_while_its_workers_still_run(tmp_path):

@@ -1,30 +1,58 @@
-"""The trainer's input: latents streamed from shards, deterministic, resumable, equal across ranks.
+"""The trainer's input: latents streamed from shards in one global order, whatever the number of ranks.
 
-Each rank runs `num_workers` DataLoader workers (or reads in-process with 0); every
-(rank, worker) pair is a *slot* that reads its own shards. Per epoch:
+The order of an epoch is defined by L canonical *lanes*, with L fixed for the life of a run
+(chosen at its first start as world size × max(1, num_workers), at most the global batch B,
+and kept in the loader's state); the world size and the DataLoader workers only decide who
+reads what. As in MosaicML streaming: a global sample cursor, a fixed canonical partition
+count, a constant global batch.
 
-1. Plan. A permutation of the shard list seeded by (seed, epoch) is dealt shard by shard
-   to the slot holding the fewest samples, so slot sizes differ by at most one shard.
-   Every slot then yields the same number of batches, floor(smallest slot / batch size),
-   so no rank waits for another at the end of an epoch. The documented remainder: each
-   slot leaves out fewer than (largest shard + batch size) samples per epoch, different
-   ones each epoch; every other sample is read exactly once per epoch across the job.
-2. Read. A slot reads its shards in groups of `shuffle_shards`, each shard with one GET,
-   the next group prefetched in a background thread, and yields the group's samples in a
-   permutation seeded by (seed, epoch, slot, group), which mixes several shards.
-3. Decode. Per batch, a generator seeded by (seed, epoch, slot, batch) draws the flip
-   choice (when flips are stored) and ε for z = mean + exp(logvar / 2)·ε from the stored
-   moments; latents are then scaled with the manifest's (z − shift)·scaling.
+1. Plan. Per epoch, a permutation of the shard list seeded by (seed, epoch) is dealt shard by
+   shard to the lane holding the fewest samples (`epoch_plan`), so lane sizes differ by at
+   most one shard.
+2. Lanes. A lane reads its shards in groups of `shuffle_shards`, each shard with one GET, the
+   next group prefetched in a background thread, and takes the group's samples in a
+   permutation seeded by (seed, epoch, lane, pass, group), which mixes several shards.
+3. Global batches. Every optimizer step takes the global batch B as chunks of c_l
+   consecutive samples of every lane (c_l = B // L, the first B mod L lanes one more),
+   concatenated in lane order: position p = 0..B−1 in the step, global index
+   step · B + p in the epoch. An epoch has min_l(samples of lane l // c_l) steps (the
+   documented remainder: each lane leaves out fewer than largest shard + c_l samples per
+   epoch, different ones each epoch; every other sample is taken exactly once per epoch).
+   The order is a pure function of (seed, epoch, shard list, L, B, shuffle_shards).
+4. Ranks. Rank r of W takes positions [r·B/W, (r+1)·B/W) of every step, cut into micro
+   batches of `batch_size`. It reads only the lanes its positions overlap: whole lanes when
+   W divides L; otherwise a lane at the edge of two ranks' slices is read (every shard of it
+   fetched) by both, each keeping its own part of every chunk. Its DataLoader workers split
+   those lanes into consecutive blocks; each worker yields one piece per step (empty when
+   it has no lane), so the DataLoader's round robin stays aligned, and the main process cuts
+   the micro batches from the pieces in position order (views where a micro batch lies in
+   one piece). num_workers=0 reads in-process.
+5. Draws. Every random choice about a sample is keyed by (seed, epoch, global index):
+   whether its flipped latent is used (a bit of a hash, `flip_bits`), the ε of its VAE
+   posterior draw z = mean + exp(logvar / 2)·ε and the objective's draws (`draws(generator,
+   latent_shape)`, e.g. t, ε, ξ and label dropout) from a `torch.Generator` seeded per sample
+   (`sample_seeds`, one stream each). Latents are then scaled with the manifest's
+   (z − shift)·scaling. The CPU generator (mt19937) keeps 32 bits of its seed: two samples
+   share draws with probability 2⁻³², which biases nothing.
 
-Order and noise are pure functions of (seed, epoch, shard list, rank, worker, batch size).
-A slot's position is (epoch, batch, pass, group, offset); the loader's state is every
-slot's position plus which worker comes next, so resuming skips straight to the current
-group of each slot: consumed shards are not read again, and of the current group only the
-unconsumed samples are decoded.
+State. The loader's state is the global cursor (epoch, step in the epoch) with what the order
+depends on (L, B, seed, shuffle_shards, a hash of the shard list): the same on every rank, so
+a trainer saves it once. `load_state_dict` on any world size and worker count continues at the
+cursor's step, reading no consumed shard group again (a lane's start is found from the
+manifest's sample counts). A state taken between the micro batches of a step resumes at that
+step's first micro batch. A different B, seed, shard list or shuffle_shards is refused with a
+DatasetError that says what changed; `allow_batch_change=True` accepts a new B and starts the
+next epoch, skipping the rest of the current one.
 
-A missing or corrupt shard is skipped with a warning and a count (strict: an error naming
-it); a slot that runs short fills its quota from a second pass over its own shards, so
-batch counts stay equal and nothing hangs.
+Failures. A missing or corrupt shard, or one whose latents differ from the manifest's shape or
+dtype, is skipped with a warning and counted in `skipped_shards` (strict: a DatasetError naming
+it) and not read again in that epoch; a lane that runs short fills its chunks from a second pass
+over its own shards, so step counts stay equal on every rank and nothing hangs. A transient
+storage error is retried with jittered exponential backoff for up to `read_timeout` seconds;
+a shard that still fails is skipped for that group only. Known limit: after a shard of an
+already consumed group of the current epoch was skipped, a mid-epoch resume places that lane
+by the manifest's counts, so it may repeat or leave out up to that shard's samples until the
+epoch ends.
 """
 
 from __future__ import annotations
@@ -36,11 +64,12 @@ import logging
 import math
 import multiprocessing
 import os
+import random
 import signal
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -49,232 +78,419 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .manifest import DatasetError, load_manifest
-from .shards import CorruptShard, NpyReader, read_shard
-from .storage import filesystem, join, redact_text, redact_url
+from .shards import CorruptShard, NpyReader, decode_npy, encode_npy, shard_problems
+from .storage import PERMANENT_ERRORS, TRANSIENT_ERRORS, filesystem, join, redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
+# How long a shard's GET is retried on transient storage errors before the shard is skipped for its group.
+READ_TIMEOUT_S = 600.0
+RETRY_BASE_S, RETRY_MAX_S = 0.5, 30.0
+
+# The per-sample generator streams (sample_seeds): the VAE posterior's ε, the objective's draws, the flip bit.
+STREAM_POSTERIOR, STREAM_OBJECTIVE, STREAM_FLIP = 0, 1, 2
+
+# (generator, latent shape (C, H, W)) -> one sample's draws for the objective's loss.
+DrawFn = Callable[[torch.Generator, tuple[int, ...]], dict[str, torch.Tensor]]
+
 
 class LatentBatch(NamedTuple):
-    latents: torch.Tensor  # (B, C, H, W) float32, scaled for the diffusion model
-    labels: torch.Tensor  # (B,) int64; the null label for unlabelled samples
+    latents: torch.Tensor  # (N, C, H, W) float32, scaled for the diffusion model
+    labels: torch.Tensor  # (N,) int64; the null label for unlabelled samples
     keys: list[str]  # the samples' __key__, in batch order
     epoch: int
-    seed: int  # for the batch's own draws downstream (the loss's t, ε): keyed to the batch, not the rank
+    draws: dict[str, torch.Tensor]  # the objective's draws, each (N, ...); {} without a draw function
+    positions: torch.Tensor  # (N,) int64: each sample's global index in the epoch, step · B + position
 
 
-@dataclass(frozen=True)
-class Position:
-    """Where a slot stands: the next batch of `epoch`, and the next sample of its reading order."""
-
-    epoch: int = 0
-    batch: int = 0  # batches this slot has yielded in `epoch`
-    pass_: int = 0  # passes over the slot's shards (> 0 only when skipped shards left it short)
-    group: int = 0  # index of the shard group being read
-    offset: int = 0  # samples of that group's permutation already consumed
-
-
-def epoch_plan(shard_samples: tuple[int, ...], num_slots: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shard indices per slot: a seeded permutation dealt greedily to the slot with the fewest samples."""
+def epoch_plan(shard_samples: tuple[int, ...], num_lanes: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shard indices per lane: a seeded permutation dealt greedily to the lane with the fewest samples."""
     order = np.random.default_rng([seed, epoch]).permutation(len(shard_samples))
-    heap = [(0, slot) for slot in range(num_slots)]
-    plan: list[list[int]] = [[] for _ in range(num_slots)]
+    heap = [(0, lane) for lane in range(num_lanes)]
+    plan: list[list[int]] = [[] for _ in range(num_lanes)]
     for shard in order:
-        samples, slot = heapq.heappop(heap)
-        plan[slot].append(int(shard))
-        heapq.heappush(heap, (samples + shard_samples[shard], slot))
+        samples, lane = heapq.heappop(heap)
+        plan[lane].append(int(shard))
+        heapq.heappush(heap, (samples + shard_samples[shard], lane))
     return plan
 
 
-def batches_per_slot(plan: list[list[int]], shard_samples: tuple[int, ...], batch_size: int) -> int:
-    """The batches every slot yields in an epoch: what the smallest slot can fill."""
-    return min(sum(shard_samples[s] for s in shards) for shards in plan) // batch_size
+def chunk_sizes(global_batch: int, num_lanes: int) -> list[int]:
+    """Samples each lane gives to every global batch: B // L, the first B mod L lanes one more."""
+    return [global_batch // num_lanes + (lane < global_batch % num_lanes) for lane in range(num_lanes)]
+
+
+def steps_in_epoch(plan: list[list[int]], shard_samples: tuple[int, ...], chunks: list[int]) -> int:
+    """Global batches in an epoch: what the lane shortest in chunks can fill."""
+    return min(sum(shard_samples[s] for s in shards) // chunk for shards, chunk in zip(plan, chunks, strict=True))
+
+
+def rank_lanes(chunks: list[int], rank: int, world_size: int) -> list[tuple[int, int, int]]:
+    """(lane, first, stop) for every lane whose chunk overlaps rank's positions, in lane order:
+    the rank keeps samples [first, stop) of that lane's chunk of each step."""
+    batch = sum(chunks)
+    low, high = rank * batch // world_size, (rank + 1) * batch // world_size
+    out, offset = [], 0
+    for lane, chunk in enumerate(chunks):
+        first, stop = max(low, offset) - offset, min(high, offset + chunk) - offset
+        if first < stop:
+            out.append((lane, first, stop))
+        offset += chunk
+    return out
 
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
 
 
+@lru_cache(maxsize=64)
+def _stream_base(seed: int, epoch: int, stream: int) -> np.uint64:
+    return np.uint64(_seed(seed, epoch, stream))
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer over uint64 arrays (wrapping arithmetic): independent-looking outputs."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_seeds(seed: int, epoch: int, indices: np.ndarray | list[int], stream: int) -> np.ndarray:
+    """Generator seeds (uint64 < 2⁶³) for samples at `indices` (global indices in `epoch`), one `stream` of draws.
+
+    A pure function of (seed, epoch, index, stream): the same whichever rank or worker draws it.
+    """
+    index = np.asarray(indices, dtype=np.uint64)
+    mixed = _splitmix64(_stream_base(seed, epoch, stream) + (index + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15))
+    return mixed >> np.uint64(1)
+
+
+def flip_bits(seed: int, epoch: int, indices: np.ndarray | list[int]) -> np.ndarray:
+    """Whether each sample at `indices` takes its flipped latent: a fair coin per (seed, epoch, index)."""
+    return (sample_seeds(seed, epoch, indices, STREAM_FLIP) >> np.uint64(40)) & np.uint64(1) == 1
+
+
+def _stacked(tensors: list[torch.Tensor], shared: bool) -> torch.Tensor:
+    """torch.stack, written straight into shared memory in a worker (DataLoader then passes a handle)."""
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype)
+    if shared:
+        out.share_memory_()
+    return torch.stack(tensors, out=out)
+
+
 class DatasetInfo(NamedTuple):
-    """What a slot needs from the manifest, small enough to pickle into workers."""
+    """What a reader needs from the manifest, small enough to pickle into workers."""
 
     url: str
     storage_options: Mapping[str, Any]
     shard_names: tuple[str, ...]
     shard_samples: tuple[int, ...]
     shard_bytes: tuple[int, ...]
+    stored_shape: tuple[int, ...]  # of each latent .npy member: (2C, H, W) moments or (C, H, W)
+    dtype: str  # of each latent .npy member
     moments: bool
     flip: bool
     labelled: bool
     scaling_factor: float
     shift_factor: float
 
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.stored_shape[0] // 2, *self.stored_shape[1:]) if self.moments else self.stored_shape
 
-class SlotStream:
-    """One slot's batches, epoch after epoch, from a starting position. Runs inside its worker."""
 
-    def __init__(
-        self,
-        info: DatasetInfo,
-        slot: int,
-        num_slots: int,
-        batch_size: int,
-        seed: int,
-        null_label: int,
-        shuffle_shards: int,
-        strict: bool,
-    ) -> None:
-        self.info, self.slot, self.num_slots = info, slot, num_slots
-        self.batch_size, self.seed, self.null_label = batch_size, seed, null_label
-        self.shuffle_shards, self.strict = shuffle_shards, strict
-        self.read_npy = NpyReader()
+class Order(NamedTuple):
+    """What the global sample order and the draws depend on, besides the shard list."""
+
+    lanes: int
+    global_batch: int
+    seed: int
+    shuffle_shards: int
+
+
+class _Piece(NamedTuple):
+    """What a worker sends per step: its samples of the rank's slice, positions [start, start + len) of the step."""
+
+    epoch: int
+    step: int
+    start: int
+    latents: torch.Tensor | None  # None when the worker has no lane for this rank
+    labels: list[int]  # a list: a tensor would cost a shared-memory segment of its own
+    keys: list[str]
+    draws: dict[str, torch.Tensor]
+    skipped: list[str]  # shards skipped in groups read since the last piece
+
+
+class ShardReader:
+    """Reads a lane's shards: one GET each, retried on transient errors, checked against the manifest."""
+
+    def __init__(self, info: DatasetInfo, strict: bool, read_timeout: float, closing: threading.Event) -> None:
+        self.info, self.strict, self.read_timeout, self.closing = info, strict, read_timeout, closing
         self.fs, self.root = filesystem(info.url, info.storage_options)  # created in this process
-        self.skipped: list[str] = []  # shards skipped in groups consumed since the last batch
+        self.required = ("latent.npy", "latent_flip.npy") if info.flip else ("latent.npy",)
+        zeros = np.zeros(info.stored_shape, dtype=info.dtype)
+        self.member_bytes = len(encode_npy(zeros))  # what every latent member should be: this header, then data
+        self.header = encode_npy(zeros)[: self.member_bytes - zeros.nbytes]
+        self.jitter = random.Random()  # never the global RNG: timing only, but the trainer owns that one
 
-    @lru_cache(maxsize=2)  # noqa: B019 - one stream per worker, two epochs at most
-    def plan(self, epoch: int) -> tuple[list[int], int]:
-        """This slot's shards in reading order, and the batches every slot yields, in `epoch`."""
-        plan = epoch_plan(self.info.shard_samples, self.num_slots, self.seed, epoch)
-        return plan[self.slot], batches_per_slot(plan, self.info.shard_samples, self.batch_size)
+    def read_group(self, shards: list[int], unreadable: set[int]) -> tuple[list[dict[str, Any]], list[str]]:
+        """The samples of a group's readable shards, and the names of those skipped.
 
-    def batches(self, start: Position) -> Iterator[tuple[LatentBatch, Position]]:
-        position = start
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as prefetch:
-            while True:
-                epoch = position.epoch
-                shards, per_epoch = self.plan(epoch)
-                samples = self._samples(epoch, shards, position, prefetch)
-                for batch in range(position.batch, per_epoch):
-                    chunk = [next(samples) for _ in range(self.batch_size)]
-                    after = chunk[-1][1]
-                    yield self._decode(epoch, batch, [s for s, _ in chunk]), Position(epoch, batch + 1, *after)
-                samples.close()
-                position = Position(epoch + 1)
-
-    def _samples(
-        self, epoch: int, shards: list[int], start: Position, prefetch: ThreadPoolExecutor
-    ) -> Iterator[tuple[dict[str, Any], tuple[int, int, int]]]:
-        """(sample, position after it) in reading order, from `start`, over as many passes as needed."""
-        groups = [shards[i : i + self.shuffle_shards] for i in range(0, len(shards), self.shuffle_shards)]
-        pass_, group, offset = start.pass_, start.group, start.offset
-        if group >= len(groups):
-            pass_, group, offset = pass_ + 1, 0, 0
-        found_any = group != 0  # a pass resumed midway had samples before the resume
-        unreadable: set[int] = set()  # this epoch's bad shards: later passes do not read them again
-        pending: Future | None = None
-        while True:
-            samples, skipped = pending.result() if pending else self._read_group(groups[group], unreadable)
-            self.skipped += skipped  # counted when consumed, so a discarded prefetch counts nothing
-            following = (pass_, group + 1) if group + 1 < len(groups) else (pass_ + 1, 0)
-            # Prefetch within this pass only: another pass is needed only when shards were skipped.
-            pending = (
-                prefetch.submit(self._read_group, groups[group + 1], unreadable) if following[0] == pass_ else None
-            )
-            found_any = found_any or bool(samples)
-            order = np.random.default_rng(_seed(self.seed, epoch, self.slot, pass_, group)).permutation(len(samples))
-            for i in range(offset, len(order)):
-                after = (pass_, group, i + 1) if i + 1 < len(order) else (*following, 0)
-                yield samples[order[i]], after
-            if following[0] != pass_:
-                if not found_any:
-                    raise DatasetError(f"slot {self.slot}: none of its {len(shards)} shards can be read (see warnings)")
-                found_any = False
-            (pass_, group), offset = following, 0
-
-    def _read_group(self, shards: list[int], unreadable: set[int]) -> tuple[list[dict[str, Any]], list[str]]:
-        """The samples of a group's readable shards, and the names of those skipped."""
+        Shards that cannot be read for good (missing, corrupt, wrong latents) join `unreadable`,
+        which later passes of the epoch skip; a shard that failed only transiently does not.
+        """
         samples, skipped = [], []
         for shard in shards:
             if shard in unreadable:
                 continue
+            name = self.info.shard_names[shard]
+            url = redact_url(join(self.info.url, name))
             try:
-                samples.extend(self._read_shard(shard))
-            except DatasetError:
-                raise
-            except (OSError, CorruptShard) as e:
-                name = self.info.shard_names[shard]
-                url, reason = redact_url(join(self.info.url, name)), redact_text(str(e)) or type(e).__name__
-                if self.strict:
-                    raise DatasetError(f"shard {url} cannot be read: {reason} (strict mode)") from None
-                log.warning("skipping shard %s: %s", url, reason)
-                skipped.append(name)
+                samples.extend(self.read_shard(shard))
+                continue
+            except (CorruptShard, *PERMANENT_ERRORS) as e:
                 unreadable.add(shard)
+                reason = redact_text(str(e)) or type(e).__name__
+            except _StillFailing as e:
+                reason = str(e)
+            if self.strict:
+                raise DatasetError(f"shard {url} cannot be read: {reason} (strict mode)") from None
+            log.warning("skipping shard %s: %s", url, reason)
+            skipped.append(name)
         return samples, skipped
 
-    def _read_shard(self, shard: int) -> list[dict[str, Any]]:
-        """A shard's samples, checked against the manifest: bytes, sample count, required members."""
+    def read_shard(self, shard: int) -> list[dict[str, Any]]:
+        """A shard's samples, checked: bytes, sample count, required members, latent shape and dtype."""
         entry = {
             "name": self.info.shard_names[shard],
             "bytes": self.info.shard_bytes[shard],
             "samples": self.info.shard_samples[shard],
         }
-        return read_shard(
-            self.fs, self.root, entry, ("latent.npy", "latent_flip.npy") if self.info.flip else ("latent.npy",)
-        )
+        problems, samples = shard_problems(self.fetch(join(self.root, entry["name"])), entry, self.required)
+        if problems:
+            raise CorruptShard(problems[0])
+        for sample in samples:
+            for member in self.required:
+                data = sample[member]
+                if len(data) != self.member_bytes or data[: len(self.header)] != self.header:
+                    self._check_latent(sample["__key__"], member, data)
+        return samples
 
-    def _decode(self, epoch: int, batch: int, samples: list[dict[str, Any]]) -> LatentBatch:
-        generator = torch.Generator().manual_seed(_seed(self.seed, epoch, self.slot, batch))
-        flips = (
-            (torch.rand(len(samples), generator=generator) < 0.5).tolist() if self.info.flip else [False] * len(samples)
-        )
+    def _check_latent(self, key: str, member: str, data: memoryview) -> None:
+        """Headers differ (another writer); fail unless shape and dtype are the manifest's."""
+        try:
+            array = decode_npy(data)
+        except ValueError as e:
+            raise CorruptShard(f"{key}.{member} is not a readable .npy: {e}") from None
+        if array.shape != tuple(self.info.stored_shape) or array.dtype != np.dtype(self.info.dtype):
+            raise CorruptShard(
+                f"{key}.{member} holds {array.dtype} {list(array.shape)}, the manifest says "
+                f"{self.info.dtype} {list(self.info.stored_shape)}"
+            )
+
+    def fetch(self, path: str) -> bytes:
+        """The object's bytes in one GET; transient errors retried with jittered backoff up to read_timeout."""
+        deadline, attempt = time.monotonic() + self.read_timeout, 0
+        while True:
+            try:
+                return _get_object(self.fs, path)
+            except PERMANENT_ERRORS:
+                raise
+            except TRANSIENT_ERRORS as e:
+                attempt += 1
+                reason = redact_text(str(e)) or type(e).__name__
+                delay = min(RETRY_BASE_S * 2 ** (attempt - 1), RETRY_MAX_S) * self.jitter.uniform(0.5, 1.5)
+                if time.monotonic() + delay > deadline or self.closing.is_set():
+                    raise _StillFailing(f"{reason} ({attempt} attempts in {self.read_timeout:.0f} s)") from None
+                log.warning("reading %s: %s; retry %d in %.1f s", redact_url(path), reason, attempt, delay)
+                if self.closing.wait(delay):  # the stream was closed: stop waiting
+                    raise _StillFailing(f"{reason} (reading stopped)") from None
+
+
+class _StillFailing(Exception):
+    """A shard whose GET still fails with transient errors at the end of read_timeout."""
+
+
+def _get_object(fs: Any, path: str) -> bytes:
+    return fs.cat_file(path)
+
+
+class LaneStream:
+    """Pieces of one rank's slice, step after step, from the lanes given to this worker. Runs inside it."""
+
+    def __init__(
+        self,
+        info: DatasetInfo,
+        order: Order,
+        lanes: list[tuple[int, int, int]],
+        *,
+        rank_start: int,
+        null_label: int,
+        strict: bool,
+        draws: DrawFn | None,
+        read_timeout: float,
+    ) -> None:
+        self.info, self.order, self.lanes = info, order, lanes
+        self.chunks = chunk_sizes(order.global_batch, order.lanes)
+        self.offsets = np.cumsum([0, *self.chunks]).tolist()  # first position of each lane's chunk
+        self.null_label, self.strict, self.draws, self.read_timeout = null_label, strict, draws, read_timeout
+        self.rank_start = rank_start  # first position of the rank's slice: where an empty piece sits
+        self.read_npy = NpyReader()
+        self.generator = torch.Generator()
+        self.closing = threading.Event()
+        self.reader = ShardReader(info, strict, read_timeout, self.closing)
+        self.skipped: list[str] = []  # shards skipped in groups consumed since the last piece
+
+    def plan(self, epoch: int) -> tuple[list[list[int]], int]:
+        plan = epoch_plan(self.info.shard_samples, self.order.lanes, self.order.seed, epoch)
+        return plan, steps_in_epoch(plan, self.info.shard_samples, self.chunks)
+
+    def pieces(self, epoch: int, step: int) -> Iterator[_Piece]:
+        """From (epoch, step) on, endlessly: one piece per step."""
+        prefetch = ThreadPoolExecutor(max_workers=max(1, len(self.lanes)), thread_name_prefix="shard-prefetch")
+        try:
+            while True:
+                plan, steps = self.plan(epoch)
+                streams = [
+                    self._samples(epoch, lane, plan[lane], step * self.chunks[lane], prefetch)
+                    for lane, _, _ in self.lanes
+                ]
+                for s in range(step, steps):
+                    samples, positions = [], []
+                    for (lane, first, stop), stream in zip(self.lanes, streams, strict=True):
+                        chunk = [next(stream) for _ in range(self.chunks[lane])]
+                        samples += chunk[first:stop]
+                        positions += range(self.offsets[lane] + first, self.offsets[lane] + stop)
+                    yield self._piece(epoch, s, samples, positions)
+                for stream in streams:
+                    stream.close()
+                epoch, step = epoch + 1, 0
+        finally:
+            self.closing.set()  # a retry sleeping in a prefetch thread gives up at once
+            prefetch.shutdown(wait=True, cancel_futures=True)
+
+    def _samples(
+        self, epoch: int, lane: int, shards: list[int], start: int, prefetch: ThreadPoolExecutor
+    ) -> Iterator[dict[str, Any]]:
+        """A lane's samples in reading order from its `start`-th, over as many passes as needed.
+
+        The start is found from the manifest's sample counts: groups before it are not read."""
+        k = self.order.shuffle_shards
+        groups = [shards[i : i + k] for i in range(0, len(shards), k)]
+        pass_, group, offset = 0, 0, start
+        while group < len(groups) and offset >= sum(self.info.shard_samples[s] for s in groups[group]):
+            offset -= sum(self.info.shard_samples[s] for s in groups[group])
+            group += 1
+        if group == len(groups):  # only when shards were skipped: the run had gone on to a second pass
+            pass_, group, offset = 1, 0, 0
+        found_any = group != 0  # a pass resumed midway had samples before the resume
+        unreadable: set[int] = set()  # this epoch's bad shards: later passes do not read them again
+        pending: Future | None = None
+        while True:
+            # Reads run in the prefetch thread even when not prefetched: the main process (num_workers=0)
+            # then only waits on a future, and its signal handlers run while a read is retried.
+            pending = pending or prefetch.submit(self.reader.read_group, groups[group], unreadable)
+            samples, skipped = pending.result()
+            self.skipped += skipped  # counted when consumed, so a discarded prefetch counts nothing
+            following = (pass_, group + 1) if group + 1 < len(groups) else (pass_ + 1, 0)
+            # Prefetch within this pass only: another pass is needed only when shards were skipped.
+            pending = (
+                prefetch.submit(self.reader.read_group, groups[group + 1], unreadable)
+                if following[0] == pass_
+                else None
+            )
+            found_any = found_any or bool(samples)
+            permutation = np.random.default_rng(_seed(self.order.seed, epoch, lane, pass_, group))
+            order = permutation.permutation(len(samples))
+            for i in range(offset, len(order)):
+                yield samples[order[i]]
+            if following[0] != pass_:
+                if not found_any:
+                    raise DatasetError(f"lane {lane}: none of its {len(shards)} shards can be read (see warnings)")
+                found_any = False
+            (pass_, group), offset = following, 0
+
+    def _piece(self, epoch: int, step: int, samples: list[dict[str, Any]], positions: list[int]) -> _Piece:
+        skipped, self.skipped = self.skipped, []
+        if not samples:
+            return _Piece(epoch, step, self.rank_start, None, [], [], {}, skipped)
+        indices = np.asarray(positions, dtype=np.int64) + step * self.order.global_batch
+        seed, info, n = self.order.seed, self.info, len(samples)
+        shared = get_worker_info() is not None
+        flips = flip_bits(seed, epoch, indices) if info.flip else np.zeros(n, dtype=bool)
         members = ["latent_flip.npy" if flip else "latent.npy" for flip in flips]
         stored = torch.from_numpy(
             self.read_npy.stack([s[m] for s, m in zip(samples, members, strict=True)])
-        ).float()  # (B, 2C, H, W) moments or (B, C, H, W) samples
-        shape = (len(samples), stored.shape[1] // 2 if self.info.moments else stored.shape[1], *stored.shape[2:])
-        # In a worker, write the result straight into shared memory: DataLoader then passes a
-        # handle instead of copying the batch into a shared segment itself.
+        ).float()  # (N, 2C, H, W) moments or (N, C, H, W) samples
+        shape = (n, *info.latent_shape)
         latents = torch.empty(shape)
-        if get_worker_info() is not None:
+        if shared:
             latents.share_memory_()
-        scale, shift = self.info.scaling_factor, self.info.shift_factor
-        if self.info.moments:
+        scale, shift = info.scaling_factor, info.shift_factor
+        if info.moments:
+            # ε of each sample from its own generator, straight into the batch.
+            for i, s in enumerate(sample_seeds(seed, epoch, indices, STREAM_POSTERIOR).tolist()):
+                torch.randn(shape[1:], generator=self.generator.manual_seed(s), out=latents[i])
             # (mean + std·ε − shift)·scale = ε·(std·scale) + (mean − shift)·scale, std = exp(logvar / 2)
             mean, log_variance = stored.chunk(2, dim=1)
-            torch.randn(shape, generator=generator, out=latents)
             latents.mul_(torch.exp(0.5 * log_variance + math.log(scale))).add_((mean - shift).mul_(scale))
         else:
             torch.sub(stored, shift, out=latents).mul_(scale)
-        if self.info.labelled:
+        draws: dict[str, torch.Tensor] = {}
+        if self.draws is not None:
+            drawn = [
+                self.draws(self.generator.manual_seed(s), info.latent_shape)
+                for s in sample_seeds(seed, epoch, indices, STREAM_OBJECTIVE).tolist()
+            ]
+            draws = {name: _stacked([d[name] for d in drawn], shared) for name in drawn[0]}
+        if info.labelled:
             labels = [int(bytes(s["cls"])) if "cls" in s else self.null_label for s in samples]
         else:
-            labels = [self.null_label] * len(samples)
+            labels = [self.null_label] * n
         keys = [s["__key__"] for s in samples]
-        loss_seed = _seed(self.seed, epoch, self.slot, batch, 1)
-        return LatentBatch(latents, torch.tensor(labels, dtype=torch.long), keys, epoch, loss_seed)
+        return _Piece(epoch, step, positions[0], latents, labels, keys, draws, skipped)
 
 
-class _Batch(NamedTuple):
-    """What a worker sends: the batch, which slot made it, its position after, and shards it skipped."""
+class _RankDataset(IterableDataset):
+    """The DataLoader-facing dataset of one rank: worker w serves the w-th block of the rank's lanes."""
 
-    batch: LatentBatch
-    local_slot: int
-    position: Position
-    skipped: list[str]
+    def __init__(self, loader: LatentLoader, epoch: int, step: int) -> None:
+        self.info, self.order, self.epoch, self.step = loader.info, loader.order, epoch, step
+        self.lanes = rank_lanes(
+            chunk_sizes(loader.order.global_batch, loader.order.lanes), loader.rank, loader.world_size
+        )
+        self.workers = max(1, loader.num_workers)
+        self.rank_start = loader.rank * loader.order.global_batch // loader.world_size
+        self.null_label, self.strict, self.draws = loader.null_label, loader.strict, loader.draws
+        self.read_timeout = loader.read_timeout
 
-
-class _RankStream(IterableDataset):
-    """The DataLoader-facing dataset of one rank: worker w serves local slot (w + rotation) mod W."""
-
-    def __init__(self, loader: LatentLoader, starts: list[Position], rotation: int) -> None:
-        self.loader, self.starts, self.rotation = loader, starts, rotation
-
-    def __iter__(self) -> Iterator[_Batch]:
+    def __iter__(self) -> Iterator[_Piece]:
         worker = get_worker_info()
-        local = ((worker.id if worker else 0) + self.rotation) % self.loader.slots_per_rank
-        stream = self.loader.slot_stream(local)
-        for batch, position in stream.batches(self.starts[local]):
-            skipped, stream.skipped = stream.skipped, []
-            # Labels travel as a list: a tensor would cost a shared-memory segment of its own.
-            yield _Batch(batch._replace(labels=batch.labels.tolist()), local, position, skipped)
+        w = worker.id if worker else 0
+        # Consecutive blocks of lanes, sizes differing by at most one: a worker's piece is contiguous.
+        low, high = w * len(self.lanes) // self.workers, (w + 1) * len(self.lanes) // self.workers
+        stream = LaneStream(
+            self.info,
+            self.order,
+            self.lanes[low:high],
+            rank_start=self.rank_start,
+            null_label=self.null_label,
+            strict=self.strict,
+            draws=self.draws,
+            read_timeout=self.read_timeout,
+        )
+        yield from stream.pieces(self.epoch, self.step)
 
 
 class LatentLoader:
-    """Batches of (latents, labels) for one rank, endlessly over epochs, with exact resume.
+    """Micro batches of (latents, labels, draws) for one rank, endlessly over epochs, in one global
+    order whatever the world size, with exact resume on any number of ranks.
 
     The manifest is read and checked here, before any worker starts: a missing or invalid
     manifest, an empty dataset, labels beyond the model's classes, or too few samples for
-    every slot to fill one batch are errors that say what to do.
+    every lane to fill its chunk of one global batch are errors that say what to do.
+    `global_batch` (default batch_size × world_size) must be a multiple of batch_size × world_size;
+    `draws(generator, latent_shape)` makes one sample's draws for the objective (picklable).
     """
 
     def __init__(
@@ -283,6 +499,7 @@ class LatentLoader:
         *,
         batch_size: int,
         null_label: int,
+        global_batch: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
@@ -291,9 +508,16 @@ class LatentLoader:
         strict: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         pin_memory: bool = False,
+        draws: DrawFn | None = None,
+        read_timeout: float = READ_TIMEOUT_S,
     ) -> None:
+        global_batch = global_batch or batch_size * world_size
+        if global_batch % (batch_size * world_size):
+            raise ValueError(
+                f"global batch {global_batch} is not a multiple of batch size {batch_size} × world size {world_size}"
+            )
         self.manifest = load_manifest(url, storage_options)
-        where = redact_url(url)
+        self.where = where = redact_url(url)
         shards = self.manifest["shards"]
         if self.manifest["num_samples"] == 0:
             raise DatasetError(f"{where}: the dataset has no samples")
@@ -312,6 +536,8 @@ class LatentLoader:
             shard_names=tuple(s["name"] for s in shards),
             shard_samples=tuple(s["samples"] for s in shards),
             shard_bytes=tuple(s["bytes"] for s in shards),
+            stored_shape=tuple(latent["shape"]),
+            dtype=str(latent.get("dtype") or "float16"),
             moments=bool(latent["moments"]),
             flip=bool(latent.get("flip")),
             labelled=labelled,
@@ -319,61 +545,61 @@ class LatentLoader:
             shift_factor=float(codec.get("shift_factor") or 0.0),
         )
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.slots_per_rank = max(1, num_workers)
-        self.num_slots = world_size * self.slots_per_rank
-        self.batch_size, self.seed, self.null_label = batch_size, seed, null_label
-        self.shuffle_shards, self.strict, self.pin_memory = shuffle_shards, strict, pin_memory
-        if self.batches_per_epoch(0) == 0:
+        self.batch_size, self.null_label, self.draws = batch_size, null_label, draws
+        self.strict, self.pin_memory, self.read_timeout = strict, pin_memory, read_timeout
+        self.accumulation = global_batch // (batch_size * world_size)
+        # A run's lanes are chosen at its first start; load_state_dict replaces them with the run's own.
+        lanes = min(world_size * max(1, num_workers), global_batch)
+        self._set_order(Order(lanes, global_batch, seed, shuffle_shards))
+        self.cursor = (0, 0)  # (epoch, step in the epoch) of the next global batch to start
+        self.micro = 0  # micro batches of the cursor's step already yielded by this object
+        self.skipped_shards = 0  # shards this rank's readers skipped, since this object was made
+
+    def _set_order(self, order: Order) -> None:
+        self.order = order
+        self.steps_per_epoch.cache_clear()
+        if self.steps_per_epoch(0) == 0:
             raise DatasetError(
-                f"{where}: {self.manifest['num_samples']} samples in {len(shards)} shards cannot give each of "
-                f"{self.num_slots} readers (world size {world_size} × {self.slots_per_rank} workers) a batch of "
-                f"{batch_size}; use fewer data workers, a smaller batch, or re-encode with smaller shards"
+                f"{self.where}: {self.manifest['num_samples']} samples in {len(self.info.shard_names)} shards "
+                f"cannot give each of {order.lanes} lanes (world size × data workers at the run's first start) "
+                f"its chunk of a global batch of {order.global_batch}; use fewer data workers, a smaller batch, "
+                "or re-encode with smaller shards"
             )
-        self.positions = [Position() for _ in range(self.slots_per_rank)]
-        self.batches_consumed = 0
-        self.skipped_shards = 0
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
         """(C, H, W) of the latents this loader yields."""
-        shape = tuple(self.manifest["latent"]["shape"])
-        return (shape[0] // 2, *shape[1:]) if self.info.moments else shape
+        return self.info.latent_shape
 
     @property
     def epoch(self) -> int:
         """The epoch of the next batch."""
-        position = self.positions[self.batches_consumed % self.slots_per_rank]
-        return position.epoch + (position.batch >= self.batches_per_epoch(position.epoch))
+        return self._normalized(self.cursor)[0]
 
     @lru_cache(maxsize=4)  # noqa: B019 - a few loaders per process, a few epochs each
-    def batches_per_epoch(self, epoch: int) -> int:
-        """Batches this rank yields in `epoch` (the same on every rank)."""
-        plan = epoch_plan(self.info.shard_samples, self.num_slots, self.seed, epoch)
-        return batches_per_slot(plan, self.info.shard_samples, self.batch_size) * self.slots_per_rank
+    def steps_per_epoch(self, epoch: int) -> int:
+        """Global batches (optimizer steps) in `epoch`, the same on every rank."""
+        plan = epoch_plan(self.info.shard_samples, self.order.lanes, self.order.seed, epoch)
+        return steps_in_epoch(plan, self.info.shard_samples, chunk_sizes(self.order.global_batch, self.order.lanes))
 
-    def slot_stream(self, local_slot: int) -> SlotStream:
-        return SlotStream(
-            self.info,
-            self.rank * self.slots_per_rank + local_slot,
-            self.num_slots,
-            self.batch_size,
-            self.seed,
-            self.null_label,
-            self.shuffle_shards,
-            self.strict,
-        )
+    def batches_per_epoch(self, epoch: int) -> int:
+        """Micro batches this rank yields in `epoch` (the same on every rank)."""
+        return self.steps_per_epoch(epoch) * self.accumulation
+
+    def _normalized(self, cursor: tuple[int, int]) -> tuple[int, int]:
+        epoch, step = cursor
+        while step >= self.steps_per_epoch(epoch):
+            epoch, step = epoch + 1, step - self.steps_per_epoch(epoch)
+        return epoch, step
 
     def __iter__(self) -> Iterator[LatentBatch]:
-        # DataLoader takes batches from its workers in turn, starting at worker 0; every slot
-        # yields the same number of batches per epoch, so rotating which slot worker 0 serves
-        # continues the interleaving exactly where the saved state left it.
-        rotation = self.batches_consumed % self.slots_per_rank
         global _exit_handler_registered
         if self.num_workers and not _exit_handler_registered:
             atexit.register(_end_workers_at_exit)
             _exit_handler_registered = True
+        self.cursor = self._normalized(self.cursor)
         loader = DataLoader(
-            _RankStream(self, list(self.positions), rotation),
+            _RankDataset(self, *self.cursor),
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -382,54 +608,119 @@ class LatentLoader:
             persistent_workers=False,
             # Its own generator: drawing the workers' base seed from the global RNG would shift the
             # training's dropout draws when a resumed run starts iterating at another point.
-            generator=torch.Generator().manual_seed(self.seed * 65_537 + self.rank),
+            generator=torch.Generator().manual_seed(self.order.seed * 65_537 + self.rank),
         )
-        for item in loader:
-            self.positions[item.local_slot] = item.position
-            self.batches_consumed += 1
-            self.skipped_shards += len(item.skipped)
-            yield item.batch._replace(labels=torch.tensor(item.batch.labels, dtype=torch.long))
+        pieces = iter(loader)
+        workers = max(1, self.num_workers)
+        while True:
+            # DataLoader takes one piece from each worker in turn: every worker yields one per step.
+            step = [next(pieces) for _ in range(workers)]
+            if {(p.epoch, p.step) for p in step} != {self.cursor}:
+                raise RuntimeError(f"data workers out of step: {[(p.epoch, p.step) for p in step]} at {self.cursor}")
+            self.skipped_shards += sum(len(p.skipped) for p in step)
+            for micro in range(self.micro, self.accumulation):
+                batch = self._micro_batch(step, micro)
+                if micro + 1 == self.accumulation:
+                    epoch, number = self.cursor
+                    self.cursor, self.micro = self._normalized((epoch, number + 1)), 0
+                else:
+                    self.micro = micro + 1
+                yield batch
+
+    def _micro_batch(self, pieces: list[_Piece], micro: int) -> LatentBatch:
+        """Positions [low, low + batch_size) of the step, from the pieces that hold them (views when one does)."""
+        epoch, step = pieces[0].epoch, pieces[0].step
+        low = self.rank * self.order.global_batch // self.world_size + micro * self.batch_size
+        high = low + self.batch_size
+        parts = [
+            (p, max(low, p.start) - p.start, min(high, p.start + len(p.keys)) - p.start)
+            for p in pieces
+            if p.start < high and low < p.start + len(p.keys)
+        ]
+
+        def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+            if len(tensors) == 1:
+                return tensors[0]
+            return torch.cat(tensors).pin_memory() if self.pin_memory else torch.cat(tensors)
+
+        latents = joined([p.latents[a:b] for p, a, b in parts])
+        draws = {name: joined([p.draws[name][a:b] for p, a, b in parts]) for name in parts[0][0].draws}
+        labels = torch.tensor([label for p, a, b in parts for label in p.labels[a:b]], dtype=torch.long)
+        keys = [key for p, a, b in parts for key in p.keys[a:b]]
+        positions = torch.arange(low, high, dtype=torch.long) + step * self.order.global_batch
+        return LatentBatch(latents, labels, keys, epoch, draws, positions)
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's position: every slot's, and how many batches it has consumed."""
+        """The global cursor and what the order depends on: the same on every rank."""
+        epoch, step = self.cursor
         return {
-            "version": 1,
-            "batches_consumed": self.batches_consumed,
-            "positions": [asdict(p) for p in self.positions],
-            "skipped_shards": self.skipped_shards,
-            "layout": self._layout(),
+            "version": 2,
+            "epoch": epoch,
+            "step": step,
+            "lanes": self.order.lanes,
+            "global_batch": self.order.global_batch,
+            "seed": self.order.seed,
+            "shuffle_shards": self.order.shuffle_shards,
+            "shards": self._shards_hash(),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue exactly where `state` was taken; if the job's layout changed, start the next epoch."""
-        positions = [Position(**p) for p in state["positions"]]
-        if state["layout"] != self._layout():
-            epoch = max(p.epoch for p in positions) + 1
-            log.warning(
-                "data layout changed since the checkpoint (%s -> %s); exact resume is impossible, starting epoch %d",
-                state["layout"],
-                self._layout(),
-                epoch,
+    def load_state_dict(self, state: Mapping[str, Any], *, allow_batch_change: bool = False) -> None:
+        """Continue at the state's cursor, on this loader's ranks and workers, in the run's lanes.
+
+        A different seed, shard list or shuffle_shards is refused (DatasetError); so is a different
+        global batch unless `allow_batch_change`, which starts the next epoch instead.
+        """
+        if state.get("version", 1) < 2:  # a per-rank state from before the global cursor
+            epoch = max(p["epoch"] for p in state["positions"]) + 1
+            log.warning("a data position from an older version of the loader: starting epoch %d", epoch)
+            self.cursor, self.micro = (epoch, 0), 0
+            return
+        ours = self.order
+        changed = [
+            (name, state[key], now)
+            for name, key, now in (
+                ("run.seed", "seed", ours.seed),
+                ("data.shuffle_shards", "shuffle_shards", ours.shuffle_shards),
             )
-            self.positions = [Position(epoch) for _ in range(self.slots_per_rank)]
-            self.batches_consumed = 0
-        else:
-            self.positions = positions
-            self.batches_consumed = int(state["batches_consumed"])
-        self.skipped_shards = int(state.get("skipped_shards", 0))
+            if state[key] != now
+        ]
+        if changed:
+            name, before, now = changed[0]
+            raise DatasetError(
+                f"{name} was {before} when the checkpoint was saved and is {now} now; the sample order "
+                f"depends on it: set {name}={before} to resume, or start a new run (a new run.dir or --no-resume)"
+            )
+        if state["shards"] != self._shards_hash():
+            raise DatasetError(
+                f"{self.where}: the dataset's shard list differs from the one the checkpoint was reading; "
+                "resume with the dataset the run started with, or start a new run (a new run.dir or --no-resume)"
+            )
+        epoch, step = int(state["epoch"]), int(state["step"])
+        if state["global_batch"] != ours.global_batch:
+            rest = f"the rest of epoch {epoch} ({step} of its global batches were taken) is skipped" if step else ""
+            if not allow_batch_change:
+                raise DatasetError(
+                    f"train.global_batch_size was {state['global_batch']} when the checkpoint was saved and is "
+                    f"{ours.global_batch} now: the epoch's sample order and each sample's draws depend on it, so the "
+                    f"epoch cannot be continued exactly. Keep train.global_batch_size={state['global_batch']} (any "
+                    "number of ranks dividing it works), or allow the change (allow_batch_change), which starts "
+                    f"at the next epoch boundary{': ' + rest if rest else ''}"
+                )
+            log.warning(
+                "global batch changed from %d to %d: starting epoch %d%s",
+                state["global_batch"],
+                ours.global_batch,
+                epoch + bool(step),
+                f"; {rest}" if rest else "",
+            )
+            self._set_order(ours._replace(lanes=min(int(state["lanes"]), ours.global_batch)))
+            self.cursor, self.micro = (epoch + bool(step), 0), 0
+            return
+        self._set_order(ours._replace(lanes=int(state["lanes"])))
+        self.cursor, self.micro = (epoch, step), 0
 
-    def _layout(self) -> dict[str, Any]:
-        """What the reading order depends on: a state only fits a loader with the same layout."""
-        shards = hashlib.sha256(repr((self.info.shard_names, self.info.shard_samples)).encode()).hexdigest()[:16]
-        return {
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "slots_per_rank": self.slots_per_rank,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "shuffle_shards": self.shuffle_shards,
-            "shards": shards,
-        }
+    def _shards_hash(self) -> str:
+        return hashlib.sha256(repr((self.info.shard_names, self.info.shard_samples)).encode()).hexdigest()[:16]
 
 
 _exit_handler_registered = False

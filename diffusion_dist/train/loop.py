@@ -49,10 +49,13 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
     random.seed(rank_seed)
     torch.manual_seed(config.run.seed)  # identical initial weights on every rank
 
+    objective = OBJECTIVES[config.model.kind].from_config(config)
     data = LatentLoader(
         config.data.url,
         batch_size=config.train.micro_batch_size,
         null_label=config.model.num_classes,
+        global_batch=config.train.global_batch_size,
+        draws=objective.draw,  # each sample's loss draws, keyed to its global index: the same on any rank
         rank=rank,
         world_size=world,
         num_workers=config.data.num_workers,
@@ -62,7 +65,6 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         storage_options=config.data.storage_options,
         pin_memory=device.type == "cuda",
     )
-    objective = OBJECTIVES[config.model.kind].from_config(config)
     _check_labels(config, data.manifest, objective)
     model = objective.build(
         config.model.size,
@@ -99,13 +101,11 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
             # Accumulate gradients over micro batches, then step the optimizer.
             for _ in range(engine.accumulation):
                 batch = metrics.next_batch(batches)
-                # The loss's draws (t, ε, ξ, label dropout) are keyed to the batch, not the rank:
-                # one rank accumulating two batches computes exactly what two ranks do.
-                generator = torch.Generator(device).manual_seed(batch.seed)
+                # The loss's draws (t, ε, ξ, label dropout) come with the batch, keyed to each sample's
+                # global index: one rank accumulating two micro batches computes exactly what two ranks do.
                 latents = batch.latents.to(device, non_blocking=True)
                 labels = batch.labels.to(device, non_blocking=True)
-                drawn = [objective.draw(generator, tuple(latents.shape[1:])) for _ in range(len(latents))]
-                draws = {name: torch.stack([d[name] for d in drawn]) for name in drawn[0]}
+                draws = {name: value.to(device, non_blocking=True) for name, value in batch.draws.items()}
                 terms = objective.loss(network, latents, labels, draws)
                 engine.backward(objective.total(terms))
                 metrics.add(terms)
