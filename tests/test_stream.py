@@ -377,15 +377,15 @@ def test_a_shard_with_other_latents_is_skipped_or_fails_in_strict_mode(tmp_path,
 
 
 class FlakyStorage:
-    """_get_object that fails `failures` times per path with a transient error, then reads."""
+    """_get_object that fails `failures` times per path (or only for `only`) with a transient error, then reads."""
 
-    def __init__(self, failures: int, error: type[Exception] = ConnectionResetError) -> None:
-        self.failures, self.error, self.calls = failures, error, {}
+    def __init__(self, failures: int, error: type[Exception] = ConnectionResetError, only: str = "") -> None:
+        self.failures, self.error, self.only, self.calls = failures, error, only, {}
         self.original = stream_module._get_object
 
     def __call__(self, fs, path):
         self.calls[path] = self.calls.get(path, 0) + 1
-        if self.calls[path] <= self.failures:
+        if self.calls[path] <= self.failures and path.endswith(self.only):
             raise self.error(f"connection reset reading {path}")
         return self.original(fs, path)
 
@@ -433,6 +433,23 @@ def test_a_retrying_read_stays_responsive(uneven, monkeypatch):
     started = time.monotonic()
     _, skipped = reader(uneven, read_timeout=600, closing=closing).read_group([0], set())
     assert skipped and time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_stopping_loader_gives_up_its_retries(uneven, monkeypatch, num_workers):
+    """With storage stuck on a shard, stop() (the trainer's preemption flag) lets the rank finish its
+    step at once instead of retrying for read_timeout: it reaches the boundary where it saves."""
+    stuck = f"{epoch_plan(tuple(UNEVEN), 1, 7, 0)[0][0]:06d}-000.tar"  # in the first group of the only lane
+    monkeypatch.setattr(stream_module, "RETRY_BASE_S", 0.2)
+    monkeypatch.setattr(stream_module, "_get_object", FlakyStorage(failures=10**6, only=stuck))
+    stopped = threading.Event()
+    source = loader(uneven, num_workers=num_workers, read_timeout=600, stop=stopped.is_set)
+    threading.Timer(0.5, stopped.set).start()
+    started = time.monotonic()
+    with deadline(60):
+        batch = next(iter(source))
+    assert time.monotonic() - started < 10 and source.skipped_shards == 1
+    assert not [k for k in batch.keys if k.startswith(f"s{stuck[3:6]}/")]
 
 
 def test_the_encoder_output_streams(tmp_path):

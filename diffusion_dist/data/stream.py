@@ -49,7 +49,9 @@ dtype, is skipped with a warning and counted in `skipped_shards` (strict: a Data
 it) and not read again in that epoch; a lane that runs short fills its chunks from a second pass
 over its own shards, so step counts stay equal on every rank and nothing hangs. A transient
 storage error is retried with jittered exponential backoff for up to `read_timeout` seconds;
-a shard that still fails is skipped for that group only. Known limit: after a shard of an
+a shard that still fails is skipped for that group only. The retries give up at once when the
+loader's `stop()` turns true (the trainer passes its preemption flag): the rank then finishes
+its step with what it has and reaches the step boundary where it saves. Known limit: after a shard of an
 already consumed group of the current epoch was skipped, a mid-epoch resume places that lane
 by the manifest's counts, so it may repeat or leave out up to that shard's samples until the
 epoch ends.
@@ -224,8 +226,11 @@ class _Piece(NamedTuple):
 class ShardReader:
     """Reads a lane's shards: one GET each, retried on transient errors, checked against the manifest."""
 
-    def __init__(self, info: DatasetInfo, strict: bool, read_timeout: float, closing: threading.Event) -> None:
+    def __init__(
+        self, info: DatasetInfo, strict: bool, read_timeout: float, closing: threading.Event, stopping: Any = None
+    ) -> None:
         self.info, self.strict, self.read_timeout, self.closing = info, strict, read_timeout, closing
+        self.stopping = stopping  # a multiprocessing.Event the main process sets when stop() turns true
         self.fs, self.root = filesystem(info.url, info.storage_options)  # created in this process
         self.required = ("latent.npy", "latent_flip.npy") if info.flip else ("latent.npy",)
         zeros = np.zeros(info.stored_shape, dtype=info.dtype)
@@ -300,11 +305,20 @@ class ShardReader:
                 attempt += 1
                 reason = redact_text(str(e)) or type(e).__name__
                 delay = min(RETRY_BASE_S * 2 ** (attempt - 1), RETRY_MAX_S) * self.jitter.uniform(0.5, 1.5)
-                if time.monotonic() + delay > deadline or self.closing.is_set():
+                if time.monotonic() + delay > deadline:
                     raise _StillFailing(f"{reason} ({attempt} attempts in {self.read_timeout:.0f} s)") from None
                 log.warning("reading %s: %s; retry %d in %.1f s", redact_url(path), reason, attempt, delay)
-                if self.closing.wait(delay):  # the stream was closed: stop waiting
-                    raise _StillFailing(f"{reason} (reading stopped)") from None
+                if self._wait(delay):
+                    raise _StillFailing(f"{reason} (gave up: the loader is stopping)") from None
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep; True as soon as the stream is closed or the main process asks readers to give up."""
+        end = time.monotonic() + seconds
+        while not (self.closing.is_set() or (self.stopping is not None and self.stopping.is_set())):
+            if time.monotonic() >= end:
+                return False
+            self.closing.wait(min(0.1, end - time.monotonic()))
+        return True
 
 
 class _StillFailing(Exception):
@@ -329,6 +343,7 @@ class LaneStream:
         strict: bool,
         draws: DrawFn | None,
         read_timeout: float,
+        stopping: Any = None,
     ) -> None:
         self.info, self.order, self.lanes = info, order, lanes
         self.chunks = chunk_sizes(order.global_batch, order.lanes)
@@ -338,7 +353,7 @@ class LaneStream:
         self.read_npy = NpyReader()
         self.generator = torch.Generator()
         self.closing = threading.Event()
-        self.reader = ShardReader(info, strict, read_timeout, self.closing)
+        self.reader = ShardReader(info, strict, read_timeout, self.closing, stopping)
         self.skipped: list[str] = []  # shards skipped in groups consumed since the last piece
 
     def plan(self, epoch: int) -> tuple[list[list[int]], int]:
@@ -454,8 +469,8 @@ class LaneStream:
 class _RankDataset(IterableDataset):
     """The DataLoader-facing dataset of one rank: worker w serves the w-th block of the rank's lanes."""
 
-    def __init__(self, loader: LatentLoader, epoch: int, step: int) -> None:
-        self.info, self.order, self.epoch, self.step = loader.info, loader.order, epoch, step
+    def __init__(self, loader: LatentLoader, epoch: int, step: int, stopping: Any) -> None:
+        self.info, self.order, self.epoch, self.step, self.stopping = loader.info, loader.order, epoch, step, stopping
         self.lanes = rank_lanes(
             chunk_sizes(loader.order.global_batch, loader.order.lanes), loader.rank, loader.world_size
         )
@@ -478,6 +493,7 @@ class _RankDataset(IterableDataset):
             strict=self.strict,
             draws=self.draws,
             read_timeout=self.read_timeout,
+            stopping=self.stopping,
         )
         yield from stream.pieces(self.epoch, self.step)
 
@@ -491,6 +507,8 @@ class LatentLoader:
     every lane to fill its chunk of one global batch are errors that say what to do.
     `global_batch` (default batch_size × world_size) must be a multiple of batch_size × world_size;
     `draws(generator, latent_shape)` makes one sample's draws for the objective (picklable).
+    `stop()`, polled by a thread of the main process, makes shard reads give up their retries
+    (the trainer passes its preemption flag, so that a rank waiting on storage reaches its save).
     """
 
     def __init__(
@@ -510,6 +528,7 @@ class LatentLoader:
         pin_memory: bool = False,
         draws: DrawFn | None = None,
         read_timeout: float = READ_TIMEOUT_S,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         global_batch = global_batch or batch_size * world_size
         if global_batch % (batch_size * world_size):
@@ -546,7 +565,7 @@ class LatentLoader:
         )
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.batch_size, self.null_label, self.draws = batch_size, null_label, draws
-        self.strict, self.pin_memory, self.read_timeout = strict, pin_memory, read_timeout
+        self.strict, self.pin_memory, self.read_timeout, self.stop = strict, pin_memory, read_timeout, stop
         self.accumulation = global_batch // (batch_size * world_size)
         # A run's lanes are chosen at its first start; load_state_dict replaces them with the run's own.
         lanes = min(world_size * max(1, num_workers), global_batch)
@@ -598,8 +617,11 @@ class LatentLoader:
             atexit.register(_end_workers_at_exit)
             _exit_handler_registered = True
         self.cursor = self._normalized(self.cursor)
+        stopping = multiprocessing.get_context().Event()  # reaches the workers: they ignore the signals
+        if self.stop is not None:
+            threading.Thread(target=_watch, args=(self.stop, stopping), name="loader-stop", daemon=True).start()
         loader = DataLoader(
-            _RankDataset(self, *self.cursor),
+            _RankDataset(self, *self.cursor, stopping),
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -612,6 +634,12 @@ class LatentLoader:
         )
         pieces = iter(loader)
         workers = max(1, self.num_workers)
+        try:
+            yield from self._micro_batches(pieces, workers)
+        finally:
+            stopping.set()  # also ends the watcher
+
+    def _micro_batches(self, pieces: Iterator[_Piece], workers: int) -> Iterator[LatentBatch]:
         while True:
             # DataLoader takes one piece from each worker in turn: every worker yields one per step.
             step = [next(pieces) for _ in range(workers)]
@@ -721,6 +749,14 @@ class LatentLoader:
 
     def _shards_hash(self) -> str:
         return hashlib.sha256(repr((self.info.shard_names, self.info.shard_samples)).encode()).hexdigest()[:16]
+
+
+def _watch(stop: Callable[[], bool], stopping: Any) -> None:
+    """Set `stopping` once stop() is true (or once the iteration that made it ends)."""
+    while not stopping.wait(0.2):
+        if stop():
+            log.warning("the loader is stopping: shard reads give up their retries")
+            stopping.set()
 
 
 _exit_handler_registered = False

@@ -64,6 +64,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         strict=config.data.strict,
         storage_options=config.data.storage_options,
         pin_memory=device.type == "cuda",
+        stop=lambda: preemption.raised,  # reads stuck on storage give up, so the rank can reach its save
     )
     _check_labels(config, data.manifest, objective)
     model = objective.build(
