@@ -618,8 +618,6 @@ class LatentLoader:
             _exit_handler_registered = True
         self.cursor = self._normalized(self.cursor)
         stopping = multiprocessing.get_context().Event()  # reaches the workers: they ignore the signals
-        if self.stop is not None:
-            threading.Thread(target=_watch, args=(self.stop, stopping), name="loader-stop", daemon=True).start()
         loader = DataLoader(
             _RankDataset(self, *self.cursor, stopping),
             batch_size=None,
@@ -632,7 +630,9 @@ class LatentLoader:
             # training's dropout draws when a resumed run starts iterating at another point.
             generator=torch.Generator().manual_seed(self.order.seed * 65_537 + self.rank),
         )
-        pieces = iter(loader)
+        pieces = iter(loader)  # starts the workers
+        if self.stop is not None:
+            threading.Thread(target=_watch, args=(self.stop, stopping), name="loader-stop", daemon=True).start()
         workers = max(1, self.num_workers)
         try:
             yield from self._micro_batches(pieces, workers)
