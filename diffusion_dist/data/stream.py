@@ -172,12 +172,21 @@ def flip_bits(seed: int, epoch: int, indices: np.ndarray | list[int]) -> np.ndar
     return (sample_seeds(seed, epoch, indices, STREAM_FLIP) >> np.uint64(40)) & np.uint64(1) == 1
 
 
-def _stacked(tensors: list[torch.Tensor], shared: bool) -> torch.Tensor:
-    """torch.stack, written straight into shared memory in a worker (DataLoader then passes a handle)."""
-    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype)
+def _arena(fields: dict[str, tuple[tuple[int, ...], torch.dtype]], shared: bool) -> dict[str, torch.Tensor]:
+    """Empty tensors of these shapes and dtypes, carved out of one buffer: in a worker one shared-memory
+    segment for the whole piece (the DataLoader then passes one handle, not one segment per tensor)."""
+    offsets, total = {}, 0
+    for name, (shape, dtype) in fields.items():
+        total = -(-total // 8) * 8  # aligned for any element size
+        offsets[name] = total
+        total += math.prod(shape) * dtype.itemsize
+    buffer = torch.empty(total, dtype=torch.uint8)
     if shared:
-        out.share_memory_()
-    return torch.stack(tensors, out=out)
+        buffer.share_memory_()
+    return {
+        name: buffer[offsets[name] : offsets[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        for name, (shape, dtype) in fields.items()
+    }
 
 
 class DatasetInfo(NamedTuple):
@@ -431,16 +440,23 @@ class LaneStream:
             return _Piece(epoch, step, self.rank_start, None, [], [], {}, skipped)
         indices = np.asarray(positions, dtype=np.int64) + step * self.order.global_batch
         seed, info, n = self.order.seed, self.info, len(samples)
-        shared = get_worker_info() is not None
         flips = flip_bits(seed, epoch, indices) if info.flip else np.zeros(n, dtype=bool)
         members = ["latent_flip.npy" if flip else "latent.npy" for flip in flips]
         stored = torch.from_numpy(
             self.read_npy.stack([s[m] for s, m in zip(samples, members, strict=True)])
         ).float()  # (N, 2C, H, W) moments or (N, C, H, W) samples
+        drawn = (
+            [
+                self.draws(self.generator.manual_seed(s), info.latent_shape)
+                for s in sample_seeds(seed, epoch, indices, STREAM_OBJECTIVE).tolist()
+            ]
+            if self.draws is not None
+            else []
+        )
         shape = (n, *info.latent_shape)
-        latents = torch.empty(shape)
-        if shared:
-            latents.share_memory_()
+        fields = {name: ((n, *value.shape), value.dtype) for name, value in (drawn[0] if drawn else {}).items()}
+        arena = _arena({"latents": (shape, torch.float32), **fields}, get_worker_info() is not None)
+        latents = arena.pop("latents")
         scale, shift = info.scaling_factor, info.shift_factor
         if info.moments:
             # ε of each sample from its own generator, straight into the batch.
@@ -451,13 +467,7 @@ class LaneStream:
             latents.mul_(torch.exp(0.5 * log_variance + math.log(scale))).add_((mean - shift).mul_(scale))
         else:
             torch.sub(stored, shift, out=latents).mul_(scale)
-        draws: dict[str, torch.Tensor] = {}
-        if self.draws is not None:
-            drawn = [
-                self.draws(self.generator.manual_seed(s), info.latent_shape)
-                for s in sample_seeds(seed, epoch, indices, STREAM_OBJECTIVE).tolist()
-            ]
-            draws = {name: _stacked([d[name] for d in drawn], shared) for name in drawn[0]}
+        draws = {name: torch.stack([d[name] for d in drawn], out=out) for name, out in arena.items()}
         if info.labelled:
             labels = [int(bytes(s["cls"])) if "cls" in s else self.null_label for s in samples]
         else:
@@ -668,8 +678,9 @@ class LatentLoader:
 
         def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
             if len(tensors) == 1:
-                return tensors[0]
-            return torch.cat(tensors).pin_memory() if self.pin_memory else torch.cat(tensors)
+                return tensors[0]  # a view of the piece (pinned by the DataLoader when pin_memory)
+            shape = (sum(len(t) for t in tensors), *tensors[0].shape[1:])
+            return torch.cat(tensors, out=torch.empty(shape, dtype=tensors[0].dtype, pin_memory=self.pin_memory))
 
         latents = joined([p.latents[a:b] for p, a, b in parts])
         draws = {name: joined([p.draws[name][a:b] for p, a, b in parts]) for name in parts[0][0].draws}
