@@ -262,7 +262,9 @@ def test_a_changed_global_batch_or_seed_is_refused(uneven, caplog):
     take(first, 6 * 3)  # 3 steps
     state = first.state_dict()
     other = loader(uneven, batch_size=2, global_batch=8)
-    with pytest.raises(DatasetError, match=r"train.global_batch_size was 12 .* is 8 now.*allow_batch_change"):
+    with pytest.raises(
+        DatasetError, match=r"global batch \(train.global_batch_size\) was 12 .* is 8 now.*allow_batch_change"
+    ):
         other.load_state_dict(state)
     other.load_state_dict(state, allow_batch_change=True)
     assert "the rest of epoch 0 (3 of its global batches were taken) is skipped" in caplog.text

@@ -739,11 +739,11 @@ class LatentLoader:
             rest = f"the rest of epoch {epoch} ({step} of its global batches were taken) is skipped" if step else ""
             if not allow_batch_change:
                 raise DatasetError(
-                    f"train.global_batch_size was {state['global_batch']} when the checkpoint was saved and is "
-                    f"{ours.global_batch} now: the epoch's sample order and each sample's draws depend on it, so the "
-                    f"epoch cannot be continued exactly. Keep train.global_batch_size={state['global_batch']} (any "
-                    "number of ranks dividing it works), or allow the change (allow_batch_change), which starts "
-                    f"at the next epoch boundary{': ' + rest if rest else ''}"
+                    f"the global batch (train.global_batch_size) was {state['global_batch']} when the checkpoint "
+                    f"was saved and is {ours.global_batch} now: the epoch's sample order and each sample's draws "
+                    f"depend on it, so the epoch cannot be continued exactly. Keep train.global_batch_size="
+                    f"{state['global_batch']} (any number of ranks dividing it works), or allow the change "
+                    f"(allow_batch_change), which starts at the next epoch boundary{': ' + rest if rest else ''}"
                 )
             log.warning(
                 "global batch changed from %d to %d: starting epoch %d%s",
