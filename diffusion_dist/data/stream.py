@@ -26,7 +26,8 @@ count, a constant global batch.
    those lanes into consecutive blocks; each worker yields one piece per step (empty when
    it has no lane), so the DataLoader's round robin stays aligned, and the main process cuts
    the micro batches from the pieces in position order (views where a micro batch lies in
-   one piece). num_workers=0 reads in-process.
+   one piece). num_workers=0 reads in-process. Memory: up to 2 × shuffle_shards shards per
+   lane a rank reads, so a run resumed on fewer ranks holds more per rank.
 5. Draws. Every random choice about a sample is keyed by (seed, epoch, global index):
    whether its flipped latent is used (a bit of a hash, `flip_bits`), the ε of its VAE
    posterior draw z = mean + exp(logvar / 2)·ε and the objective's draws (`draws(generator,
@@ -46,12 +47,14 @@ next epoch, skipping the rest of the current one.
 
 Failures. A missing or corrupt shard, or one whose latents differ from the manifest's shape or
 dtype, is skipped with a warning and counted in `skipped_shards` (strict: a DatasetError naming
-it) and not read again in that epoch; a lane that runs short fills its chunks from a second pass
+it) and not read again in that epoch (`skipped_shards` counts this process's skips and is not in
+the state: a rank only sees the shards of its own lanes); a lane that runs short fills its chunks from a second pass
 over its own shards, so step counts stay equal on every rank and nothing hangs. A transient
 storage error is retried with jittered exponential backoff for up to `read_timeout` seconds;
 a shard that still fails is skipped for that group only. The retries give up at once when the
 loader's `stop()` turns true (the trainer passes its preemption flag): the rank then finishes
-its step with what it has and reaches the step boundary where it saves. Known limit: after a shard of an
+its step with what it has and reaches the step boundary where it saves (in strict mode the
+shard given up on is a DatasetError, like any unreadable one). Known limit: after a shard of an
 already consumed group of the current epoch was skipped, a mid-epoch resume places that lane
 by the manifest's counts, so it may repeat or leave out up to that shard's samples until the
 epoch ends.
