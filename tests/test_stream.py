@@ -257,6 +257,19 @@ def test_resume_reads_no_consumed_group_again(uneven, monkeypatch, world_size):
     assert reads and not {p.rsplit("/", 1)[-1] for p in reads} & consumed_shards
 
 
+def test_one_get_per_shard_per_epoch(uneven, monkeypatch):
+    """Two ranks reading two lanes: every shard fetched once in the epoch, by the rank whose lane holds it."""
+    reads = []
+    original = stream_module._get_object
+    monkeypatch.setattr(stream_module, "_get_object", lambda fs, path: reads.append(path) or original(fs, path))
+    for rank in range(2):
+        source = loader(uneven, rank=rank, world_size=2, num_workers=0, batch_size=4)
+        assert source.order.lanes == 2
+        take(source, source.batches_per_epoch(0))
+    names = [p.rsplit("/", 1)[-1] for p in reads]
+    assert sorted(names) == sorted(f"{s:06d}-000.tar" for s in range(len(UNEVEN)))
+
+
 def test_a_changed_global_batch_or_seed_is_refused(uneven, caplog):
     first = loader(uneven, batch_size=2, global_batch=12)
     take(first, 6 * 3)  # 3 steps
