@@ -65,6 +65,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import heapq
+import itertools
 import logging
 import math
 import multiprocessing
@@ -635,7 +636,9 @@ class LatentLoader:
             _RankDataset(self, *self.cursor, stopping),
             batch_size=None,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            # Pinned by the DataLoader's thread where each micro batch is a view of one piece; else pinned
+            # by the copy that joins the pieces (one copy, not two).
+            pin_memory=self.pin_memory and not self._pieces_joined(),
             worker_init_fn=_worker_init,
             prefetch_factor=4 if self.num_workers else None,
             persistent_workers=False,
@@ -679,11 +682,13 @@ class LatentLoader:
             if p.start < high and low < p.start + len(p.keys)
         ]
 
+        pin = self.pin_memory and self._pieces_joined()  # else the DataLoader pinned the pieces
+
         def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
             if len(tensors) == 1:
-                return tensors[0]  # a view of the piece (pinned by the DataLoader when pin_memory)
+                return tensors[0].pin_memory() if pin else tensors[0]  # a view of the piece
             shape = (sum(len(t) for t in tensors), *tensors[0].shape[1:])
-            return torch.cat(tensors, out=torch.empty(shape, dtype=tensors[0].dtype, pin_memory=self.pin_memory))
+            return torch.cat(tensors, out=torch.empty(shape, dtype=tensors[0].dtype, pin_memory=pin))
 
         latents = joined([p.latents[a:b] for p, a, b in parts])
         draws = {name: joined([p.draws[name][a:b] for p, a, b in parts]) for name in parts[0][0].draws}
@@ -691,6 +696,18 @@ class LatentLoader:
         keys = [key for p, a, b in parts for key in p.keys[a:b]]
         positions = torch.arange(low, high, dtype=torch.long) + step * self.order.global_batch
         return LatentBatch(latents, labels, keys, epoch, draws, positions)
+
+    def _pieces_joined(self) -> bool:
+        """Whether some micro batch of this rank spans the pieces of two workers (and is joined by a copy)."""
+        lanes = rank_lanes(chunk_sizes(self.order.global_batch, self.order.lanes), self.rank, self.world_size)
+        workers, low = max(1, self.num_workers), self.rank * self.order.global_batch // self.world_size
+        sizes = [
+            sum(stop - first for _, first, stop in lanes[w * len(lanes) // workers : (w + 1) * len(lanes) // workers])
+            for w in range(workers)
+        ]
+        ends = {low + end for end in itertools.accumulate(sizes)}  # where one worker's piece ends
+        micro_ends = {low + (j + 1) * self.batch_size for j in range(self.accumulation)}
+        return not ends - {low} <= micro_ends
 
     def state_dict(self) -> dict[str, Any]:
         """The global cursor and what the order depends on: the same on every rank."""
