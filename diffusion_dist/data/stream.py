@@ -631,6 +631,7 @@ class LatentLoader:
             atexit.register(_end_workers_at_exit)
             _exit_handler_registered = True
         self.cursor = self._normalized(self.cursor)
+        self._pin_joined = self.pin_memory and self._pieces_joined()
         stopping = multiprocessing.get_context().Event()  # reaches the workers: they ignore the signals
         loader = DataLoader(
             _RankDataset(self, *self.cursor, stopping),
@@ -638,7 +639,7 @@ class LatentLoader:
             num_workers=self.num_workers,
             # Pinned by the DataLoader's thread where each micro batch is a view of one piece; else pinned
             # by the copy that joins the pieces (one copy, not two).
-            pin_memory=self.pin_memory and not self._pieces_joined(),
+            pin_memory=self.pin_memory and not self._pin_joined,
             worker_init_fn=_worker_init,
             prefetch_factor=4 if self.num_workers else None,
             persistent_workers=False,
@@ -682,7 +683,7 @@ class LatentLoader:
             if p.start < high and low < p.start + len(p.keys)
         ]
 
-        pin = self.pin_memory and self._pieces_joined()  # else the DataLoader pinned the pieces
+        pin = self._pin_joined  # else the DataLoader pinned the pieces
 
         def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
             if len(tensors) == 1:
