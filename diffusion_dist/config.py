@@ -72,6 +72,7 @@ class DataConfig:
     num_workers: int = 4  # DataLoader workers per rank; each reads its own shards
     shuffle_shards: int = 4  # shards read and shuffled together by a worker (memory: this many shards)
     strict: bool = False  # fail on a missing or corrupt shard instead of skipping it with a warning
+    allow_batch_change: bool = False  # resume with another train.global_batch_size: skips the rest of the epoch
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options; secrets never logged
 
 

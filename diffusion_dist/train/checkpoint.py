@@ -41,6 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import Config, to_dict
+from ..data.manifest import DatasetError
 from ..data.storage import redact_text, redact_url
 from ..data.stream import LatentLoader
 from ..distributed import all_ranks_agree, barrier, broadcast_from_rank0, broadcast_tensor, gather_in_order
@@ -204,7 +205,7 @@ class TrainState:
                 tensors |= {f"{kind}/{name}": value.cpu() for kind, value in {**state, "ema": ema}.items()}
         tensors |= {f"rng/{key}": value for key, value in _rng_state().items()}
         save_file(tensors, staging / tensor_file(self.rank))
-        data = gather_in_order(self.data.state_dict())  # every rank's position, in rank order
+        data = self.data.state_dict()  # the global cursor: the same on every rank
         if self.rank != 0:
             return [tensor_file(self.rank)]
         names = self.ema.names
@@ -260,7 +261,7 @@ class TrainState:
                     loaded = self._load_legacy(legacy)
                 else:
                     loaded = self._load(CheckpointStore(url, self.config.checkpoint.storage_options), step)
-            except TrainingAborted:
+            except (TrainingAborted, DatasetError):  # the same for every checkpoint: no falling back
                 raise
             except UnsafeCheckpoint as e:  # tampered: refuse loudly rather than fall back quietly
                 raise TrainingAborted(f"{e}; remove it, or resume from another checkpoint with --resume") from None
@@ -320,9 +321,7 @@ class TrainState:
         self.engine.load_consolidated(self._tensors(state, readers, opened), state["optimizer"])
         self.ema.updates = int(state["ema"]["updates"])
         self.progress = Progress(**state["progress"])
-        self.data.load_state_dict(
-            state["data"][self.rank] if state["world_size"] == self.world_size else state["data"][0]
-        )
+        self.data.load_state_dict(state["data"], allow_batch_change=self.config.data.allow_batch_change)
         if state["world_size"] == self.world_size:
             _set_rng_state(opened[tensor_file(self.rank)])
         else:  # RNG streams cannot be split across another number of ranks: reseed from (seed, step, rank)

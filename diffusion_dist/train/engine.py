@@ -258,6 +258,14 @@ class Engine:
                 state = self._optimizer().state[p]
                 for key in MOMENTS:
                     state[key].copy_(saved[key].view_as(p))
+            elif self.zero_stage == 3:
+                # DeepSpeed's set_full_hp_param fails when the last partition is padded; its fp32 partition
+                # (and the moments') are this rank's slice of the zero-padded flat tensor, as ds_tensor is.
+                for key in (None, *MOMENTS):
+                    part, _ = self._ds.optimizer._get_fp32_opt_state_partition(p, False, optim_state_key=key)
+                    full = saved["weight" if key is None else key].flatten()
+                    piece = full[part.numel() * self.rank : part.numel() * (self.rank + 1)]
+                    part.copy_(torch.nn.functional.pad(piece, (0, part.numel() - piece.numel())))
             else:
                 safe_set_full_fp32_param(p, saved["weight"])
                 for key in MOMENTS:
