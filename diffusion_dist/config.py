@@ -51,6 +51,7 @@ class ModelConfig:
     num_classes: int = 1000  # labels 0..num_classes−1; index num_classes is the null token ∅
     dropout: float = 0.0
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    text: bool = False  # condition on the dataset's caption embeddings (cross-attention + pooled vector), too
 
 
 @dataclass
@@ -111,6 +112,7 @@ class TrackingConfig:
     experiment: str = "diffusion-dist"
     log_every: int = 100  # steps between metric logs
     sample_every: int = 5000  # steps between EMA sample grids (fixed seed and labels); 0 disables
+    prompts: list[str] = field(default_factory=list)  # a text model's grid rows; empty: the dataset's first captions
     max_pending: int = 10_000  # records held while the server is unreachable; beyond, new ones are dropped
     flush_timeout: float = 120.0  # seconds the end of a run waits for undelivered records
 
@@ -280,6 +282,11 @@ def validate(config: Config, world_size: int = 1, *, training: bool = False) -> 
         "a classifier (model.kind=classifier) needs at least 2 classes and labelled data",
     )
     check(0 <= model.dropout < 1, "model.dropout", "must lie in [0, 1)")
+    check(
+        not (model.text and model.kind != "unet"),
+        "model.text",
+        "only a diffusion model (model.kind=unet) takes text; a classifier guides by class",
+    )
     choice("diffusion.schedule", SCHEDULES)
     check(diffusion.num_timesteps >= 1, "diffusion.num_timesteps", "must be >= 1")
     choice("diffusion.variance", VARIANCES)

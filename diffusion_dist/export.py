@@ -21,6 +21,7 @@ from .diffusion import GaussianDiffusion
 from .objectives import OBJECTIVES
 
 WEIGHTS, RAW_WEIGHTS, CONFIG = "ema.safetensors", "model.safetensors", "config.json"
+NULL_TEXT = "null_text.safetensors"  # a text model's ∅: the encoded empty string it was trained with
 
 
 class ExportError(ValueError):
@@ -63,11 +64,15 @@ class ExportInfo:
     dataset: DatasetInfo
     step: int | None = None  # the optimizer step of the weights
     tracking: dict[str, str] | None = field(default=None)  # {"experiment", "run_id"} of the training run
+    # A text model's encoder, as diffusion_dist.text records it (name, class, max_length, hidden_size,
+    # pooled_size, sha256): prompts must be encoded by this encoder; its ∅ is in NULL_TEXT beside.
+    text_encoder: dict[str, Any] | None = None
 
     @classmethod
     def from_config(cls, config: Any, manifest: dict[str, Any], latent_shape: tuple[int, ...]) -> ExportInfo:
         """The record of a run of `config` (a config.Config) on the dataset of `manifest`."""
         d = config.diffusion
+        text = manifest.get("text") if config.model.text else None
         return cls(
             model=ModelInfo(config.model.kind, config.model.size, latent_shape[0], config.model.num_classes),
             diffusion=DiffusionInfo(
@@ -80,6 +85,7 @@ class ExportInfo:
                 manifest["num_samples"],
                 (manifest.get("labels") or {}).get("class_names"),
             ),
+            text_encoder=text["encoder"] if text else None,
         )
 
     @classmethod
@@ -93,6 +99,7 @@ class ExportInfo:
             dataset=DatasetInfo(**record["dataset"]),
             step=record.get("step"),
             tracking=record.get("tracking"),
+            text_encoder=record.get("text_encoder"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,7 +117,9 @@ class ExportInfo:
     def build_model(self) -> torch.nn.Module:
         """The untrained network of this kind and size."""
         m = self.model
-        return OBJECTIVES[m.kind].build(m.size, m.in_channels, m.num_classes, learn_sigma=self.learn_sigma)
+        return OBJECTIVES[m.kind].build(
+            m.size, m.in_channels, m.num_classes, learn_sigma=self.learn_sigma, text_encoder=self.text_encoder
+        )
 
     def chain(self) -> GaussianDiffusion:
         """The training diffusion chain (respace it for sampling)."""
@@ -123,16 +132,21 @@ def write_export(
     weights: dict[str, torch.Tensor],
     info: ExportInfo,
     raw: dict[str, torch.Tensor] | None = None,
+    null_text: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """directory/: ema.safetensors (what samplers use), model.safetensors (the trained weights, for
-    fine-tuning; when given) and config.json (ExportInfo), each replaced atomically."""
+    fine-tuning; when given), null_text.safetensors (a text model's ∅) and config.json (ExportInfo),
+    each replaced atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name, tensors in ((WEIGHTS, weights), (RAW_WEIGHTS, raw)):
+    if (info.text_encoder is None) != (null_text is None):
+        raise ValueError("a text model's export needs its null text, and only a text model's")
+    for name, tensors in ((WEIGHTS, weights), (RAW_WEIGHTS, raw), (NULL_TEXT, null_text)):
         if tensors is None:
             (directory / name).unlink(missing_ok=True)  # an earlier export's: not of these weights
             continue
-        data = save({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()})
+        as_stored = (lambda v: v) if name == NULL_TEXT else (lambda v: v.float())  # weights in fp32
+        data = save({k: as_stored(v.detach()).contiguous().cpu() for k, v in tensors.items()})
         with atomic_file(directory / name) as temporary:
             temporary.write_bytes(data)
     with atomic_file(directory / CONFIG) as temporary:
@@ -185,3 +199,13 @@ def load_export(
             f"({info.model.kind} {info.model.size}: {reason[:300]}); export the run again"
         ) from None
     return model.to(device).eval(), chain, info
+
+
+def load_null_text(path: str | Path) -> dict[str, torch.Tensor]:
+    """A text model export's ∅: "embedding" (L, D), "mask" (L,) bool, and "pooled" (P,) when the encoder has one."""
+    directory = export_directory(path)
+    try:
+        null = load_file(directory / NULL_TEXT)
+    except (OSError, SafetensorError) as e:
+        raise ExportError(f"{directory / NULL_TEXT} cannot be read ({e}); export the run again") from None
+    return {**null, "mask": null["mask"].bool()}

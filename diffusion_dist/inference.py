@@ -7,6 +7,7 @@ w of ε̃ = (1 + w)·ε_θ(c) − w·ε_θ(∅); DiT, GLIDE and diffusers write 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -17,6 +18,7 @@ from .diffusion import GaussianDiffusion, classifier_free_guidance, classifier_g
 from .diffusion.sampling import GradLogProb, ModelFn
 from .export import ExportInfo
 from .models import NoisyClassifier, UNet
+from .objectives import text_arguments
 from .pictures import grid_image, row_labels
 
 
@@ -65,24 +67,59 @@ def check_classifier(info: ExportInfo, classifier_info: ExportInfo) -> None:
         )
 
 
-def guided_model_fn(model: UNet, labels: torch.Tensor, guidance: Guidance) -> ModelFn:
-    """ε̃ for `labels`: classifier-free guidance with w = guidance.cfg_scale (conditional models, w > 0).
+def guided_model_fn(
+    model: UNet,
+    labels: torch.Tensor,
+    guidance: Guidance,
+    text: Mapping[str, torch.Tensor] | None = None,
+    null_text: Mapping[str, torch.Tensor] | None = None,
+) -> ModelFn:
+    """ε̃ for `labels` (and `text`, batched like the labels, for a text model): classifier-free guidance
+    with w = guidance.cfg_scale against ∅ (the null label, and the model's null text), for w > 0.
 
-    An unconditional model (num_classes = 0) is called with ∅. Classifier guidance is the sampler's
-    (it moves DDPM's mean, DDIM's ε): pass it guidance.grad_log_prob(labels) and guidance.classifier_scale.
+    An unconditional model (num_classes = 0) is called with the null label. Classifier guidance is the
+    sampler's (it moves DDPM's mean, DDIM's ε): pass it guidance.grad_log_prob(labels) and
+    guidance.classifier_scale.
     """
-    model_labels = labels if model.num_classes else torch.full_like(labels, model.null_label)
-    if guidance.cfg_scale > 0 and model.num_classes:
-        return classifier_free_guidance(model, model_labels, model.null_label, guidance.cfg_scale)
-    return conditional(model, model_labels)
+    null_labels = torch.full_like(labels, model.null_label)
+    cond = {"labels": labels if model.num_classes else null_labels, **text_arguments(text)}
+    if text is not None:
+        if null_text is None:
+            raise ValueError("a text model samples with its null text (the export's null_text.safetensors)")
+        rows = len(labels)
+        null_text = {k: v.to(text[k].device).expand(rows, *v.shape) for k, v in null_text.items()}
+    null = {"labels": null_labels, **text_arguments(null_text)}
+    if guidance.cfg_scale > 0 and (model.num_classes or text is not None):
+        return classifier_free_guidance(model, cond, null, guidance.cfg_scale)
+    return conditional(model, cond)
+
+
+def encode_prompts(
+    info: ExportInfo, prompts: list[str], device: str | torch.device, encoder: str | None = None
+) -> dict[str, torch.Tensor]:
+    """A text model's prompts encoded by the text encoder its data was encoded with: the one the export
+    names, or `encoder` (a local folder, say) when it is the same encoder (same weights and vocabulary);
+    another encoder is refused."""
+    from .text import TextEncoder, check_same_encoder
+
+    if info.text_encoder is None:
+        raise ValueError("this model takes no text: sample it with class labels")
+    loaded = TextEncoder.load(encoder or info.text_encoder["name"], info.text_encoder["max_length"], device)
+    check_same_encoder(info.text_encoder, loaded.record())
+    batch = loaded.encode(prompts)
+    text = {"embedding": batch.embedding, "mask": batch.mask}
+    if batch.pooled is not None:
+        text["pooled"] = batch.pooled
+    return text
 
 
 class SampleGrid:
-    """Guided sample grids from EMA weights during training, with fixed labels and a fixed seed so
-    that the grids of different steps compare: one row per class, `per_class` columns.
+    """Guided sample grids from EMA weights during training, with fixed conditions and a fixed seed so
+    that the grids of different steps compare: one row per class (up to `max_classes` evenly spaced
+    ones) or, for a text model given `prompts`, one row per prompt; `per_class` columns.
 
-    Rows are up to `max_classes` evenly spaced classes. The model copy and the codec are built
-    once; sampling never touches the global RNG, so it does not change the training trajectory.
+    The model copy, the codec and the prompts' encoding are made once; sampling never touches the
+    global RNG, so it does not change the training trajectory.
     """
 
     def __init__(
@@ -93,18 +130,29 @@ class SampleGrid:
         seed: int = 0,
         max_classes: int = 10,
         per_class: int = 8,
+        prompts: list[str] | None = None,
+        null_text: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.info, self.device, self.seed = info, device, seed
-        num_classes = info.model.num_classes
-        self.classes = sorted(
-            {c * num_classes // min(num_classes, max_classes) for c in range(min(num_classes, max_classes))}
-        )
-        self.labels = [c for c in self.classes for _ in range(per_class)]
-        self.row_labels = row_labels(self.classes, info.dataset.class_names)
+        self.text = self.null_text = None
+        if prompts:
+            self.rows, self.row_labels = len(prompts), list(prompts)
+            self.labels = [info.model.num_classes] * (len(prompts) * per_class)  # ∅: text alone conditions the rows
+            prompts = [prompt for prompt in prompts for _ in range(per_class)]
+            with torch.random.fork_rng(devices=[]):  # the encoder's construction must not draw from the training RNG
+                self.text = encode_prompts(info, prompts, device)
+            self.null_text = null_text
+        else:
+            num_classes = info.model.num_classes
+            classes = sorted(
+                {c * num_classes // min(num_classes, max_classes) for c in range(min(num_classes, max_classes))}
+            )
+            self.rows, self.row_labels = len(classes), row_labels(classes, info.dataset.class_names)
+            self.labels = [c for c in classes for _ in range(per_class)]
         self.model, self.diffusion, self.codec = sampling_copy(info, device)
 
     def __call__(self, ema_weights: dict[str, torch.Tensor]) -> np.ndarray:
-        """One labelled uint8 grid image, a row per class, from these weights."""
+        """One labelled uint8 grid image, a row per class or prompt, from these weights."""
         self.model.load_state_dict(ema_weights)
         defaults = self.info.diffusion
         images = generate_images(
@@ -118,8 +166,10 @@ class SampleGrid:
             seed=self.seed,
             device=self.device,
             codec=self.codec,
+            text=self.text,
+            null_text=self.null_text,
         )
-        return grid_image(images, rows=len(self.classes), labels=self.row_labels)
+        return grid_image(images, rows=self.rows, labels=self.row_labels)
 
 
 @torch.no_grad()
@@ -137,11 +187,14 @@ def generate_images(
     batch_size: int = 64,
     progress: bool = False,
     codec: Codec | None = None,
+    text: Mapping[str, torch.Tensor] | None = None,
+    null_text: Mapping[str, torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """uint8 images (N, H, W, 3) for `labels`, the same for the same seed and arguments.
+    """uint8 images (N, H, W, 3) for `labels` (and, for a text model, `text`: one row of each tensor
+    per label), the same for the same seed and arguments.
 
-    Batch b draws its noise from seed + b·batch_size. `codec` decodes the latents; by default the one `info` names
-    is loaded (a VAE: seconds).
+    Batch b draws its noise from seed + b·batch_size. `codec` decodes the latents; by default the one
+    `info` names is loaded (a VAE: seconds).
     """
     codec = codec or codec_from_manifest(info.codec, device)
     chain = diffusion.respaced(steps)
@@ -149,8 +202,9 @@ def generate_images(
     images = []
     for start in range(0, len(labels), batch_size):
         chunk = torch.tensor(labels[start : start + batch_size], device=device)
+        rows = None if text is None else {k: v[start : start + batch_size].to(device) for k, v in text.items()}
         latents = generate(
-            guided_model_fn(model, chunk, guidance),
+            guided_model_fn(model, chunk, guidance, rows, null_text),
             chain,
             (len(chunk), *shape),
             seed=seed + start,

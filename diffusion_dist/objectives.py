@@ -6,8 +6,8 @@ the loss of a micro batch, inference and exports for the network to rebuild from
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -18,8 +18,26 @@ from .models import build_classifier, build_unet
 if TYPE_CHECKING:
     from .config import Config
 
-# The network under training, called as its loss calls it: (z_t, t, labels) for a UNet, (z_t, t) for a classifier.
+# The network under training, called as its loss calls it: (z_t, t, labels) for a UNet (and text keyword
+# tensors for a text model), (z_t, t) for a classifier.
 Network = Callable[..., torch.Tensor]
+
+
+def text_arguments(text: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    """A batch's text (the loader's and TextEncoder's names) as the UNet's keyword arguments."""
+    if text is None:
+        return {}
+    arguments = {"context": text["embedding"], "context_mask": text["mask"]}
+    if text.get("pooled") is not None:
+        arguments["pooled"] = text["pooled"]
+    return arguments
+
+
+def text_dims(encoder: Mapping[str, Any] | None) -> dict[str, int]:
+    """The UNet's context_dim and pooled_dim for a text encoder's record (none: a model without text)."""
+    if encoder is None:
+        return {}
+    return {"context_dim": int(encoder["hidden_size"]), "pooled_dim": int(encoder.get("pooled_size") or 0)}
 
 
 class Objective:
@@ -46,7 +64,9 @@ class Objective:
         learn_sigma: bool,
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
+        text_encoder: Mapping[str, Any] | None = None,
     ) -> nn.Module:
+        """The untrained network; `text_encoder` (the record of diffusion_dist.text) makes it take text."""
         raise NotImplementedError
 
     def draw(self, generator: torch.Generator, latent_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -58,9 +78,15 @@ class Objective:
         raise NotImplementedError
 
     def loss(
-        self, network: Network, latents: torch.Tensor, labels: torch.Tensor, draws: dict[str, torch.Tensor]
+        self,
+        network: Network,
+        latents: torch.Tensor,
+        labels: torch.Tensor,
+        draws: dict[str, torch.Tensor],
+        text: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-sample terms for the batch's stacked `draws`, each (N,): "loss", "t" and the kind's own."""
+        """Per-sample terms for the batch's stacked `draws`, each (N,): "loss", "t" and the kind's own.
+        `text` is the batch's text (nulled where draws["drop"], by the loader) for a text model."""
         raise NotImplementedError
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -98,16 +124,20 @@ class DiffusionObjective(Objective):
         )
 
     @staticmethod
-    def build(size, in_channels, num_classes, *, learn_sigma, dropout=0.0, gradient_checkpointing=False) -> nn.Module:
-        return build_unet(size, in_channels, num_classes, learn_sigma, dropout, gradient_checkpointing)
+    def build(
+        size, in_channels, num_classes, *, learn_sigma, dropout=0.0, gradient_checkpointing=False, text_encoder=None
+    ) -> nn.Module:
+        dims = text_dims(text_encoder)
+        return build_unet(size, in_channels, num_classes, learn_sigma, dropout, gradient_checkpointing, **dims)
 
     def draw(self, generator, latent_shape):
         drawn = diffusion_draws(generator, (1, *latent_shape), self.diffusion.num_timesteps, self.p_uncond)
         return {name: value[0] for name, value in drawn.items()}  # t (), eps (C, H, W), xi (C, H, W), drop ()
 
-    def loss(self, network, latents, labels, draws):
+    def loss(self, network, latents, labels, draws, text=None):
+        arguments = text_arguments(text)
         return diffusion_loss(
-            network,
+            (lambda z_t, t, y: network(z_t, t, y, **arguments)) if arguments else network,
             self.diffusion,
             latents,
             labels,
@@ -126,14 +156,18 @@ class ClassifierObjective(Objective):
     generates = False
 
     @staticmethod
-    def build(size, in_channels, num_classes, *, learn_sigma, dropout=0.0, gradient_checkpointing=False) -> nn.Module:
+    def build(
+        size, in_channels, num_classes, *, learn_sigma, dropout=0.0, gradient_checkpointing=False, text_encoder=None
+    ) -> nn.Module:
+        if text_encoder is not None:
+            raise ValueError("a noisy-latent classifier takes no text: train it with model.text=false")
         return build_classifier(size, in_channels, num_classes, dropout, gradient_checkpointing)
 
     def draw(self, generator, latent_shape):
         drawn = classifier_draws(generator, (1, *latent_shape), self.diffusion.num_timesteps)
         return {name: value[0] for name, value in drawn.items()}  # t (), eps (C, H, W)
 
-    def loss(self, network, latents, labels, draws):
+    def loss(self, network, latents, labels, draws, text=None):
         return classifier_loss(
             network,  # called as network(z_t, t): the classifier sees no labels
             self.diffusion,

@@ -311,9 +311,10 @@ def toy_conditional_model(z, t, labels):
 def test_classifier_free_guidance_formula():
     z, t, labels = torch.randn(4, 4, 2, 2), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 1])
     cond, uncond = toy_conditional_model(z, t, labels), toy_conditional_model(z, t, torch.full_like(labels, 9))
-    zero = classifier_free_guidance(toy_conditional_model, labels, 9, 0.0)(z, t)
+    null = {"labels": torch.full_like(labels, 9)}
+    zero = classifier_free_guidance(toy_conditional_model, {"labels": labels}, null, 0.0)(z, t)
     torch.testing.assert_close(zero, cond)
-    guided = classifier_free_guidance(toy_conditional_model, labels, 9, 2.0)(z, t)
+    guided = classifier_free_guidance(toy_conditional_model, {"labels": labels}, null, 2.0)(z, t)
     # ε̃ = 3ε_c − 2ε_∅ on all four latent channels; the variance channels stay conditional.
     torch.testing.assert_close(guided[:, :4], 3 * cond[:, :4] - 2 * uncond[:, :4])
     torch.testing.assert_close(guided[:, 4:], cond[:, 4:])
@@ -326,7 +327,9 @@ def test_classifier_free_guidance_uses_one_batched_forward():
         calls.append(len(z))
         return torch.zeros_like(z)
 
-    classifier_free_guidance(model, torch.tensor([0, 1, 2]), 3, 4.0)(torch.randn(3, 4, 2, 2), torch.tensor([5, 5, 5]))
+    labels = torch.tensor([0, 1, 2])
+    guided = classifier_free_guidance(model, {"labels": labels}, {"labels": torch.full_like(labels, 3)}, 4.0)
+    guided(torch.randn(3, 4, 2, 2), torch.tensor([5, 5, 5]))
     assert calls == [6]
 
 

@@ -98,7 +98,8 @@ def guided_fractions(model, chain, sampler, radius, scales):
         for label in range(NUM_MODES):
             labels = torch.full((400,), label)
             z_T = torch.randn(400, 2, generator=torch.Generator().manual_seed(label))
-            model_fn = classifier_free_guidance(model, labels, NUM_MODES, scale)
+            null = torch.full_like(labels, NUM_MODES)
+            model_fn = classifier_free_guidance(model, {"labels": labels}, {"labels": null}, scale)
             x = SAMPLERS[sampler](model_fn, chain, z_T, generator=torch.Generator().manual_seed(100 + label))
             fractions[scale, label] = fraction_in_mode(x, label, radius)
     return fractions
@@ -211,7 +212,7 @@ def test_learned_classifier_guidance_steers_an_unconditional_model(unconditional
             labels = torch.full((300,), label)
             z_T = torch.randn(300, 2, generator=torch.Generator().manual_seed(label))
             x = SAMPLERS[sampler](
-                conditional(model, torch.zeros_like(labels)),
+                conditional(model, {"labels": torch.zeros_like(labels)}),
                 chain,
                 z_T,
                 grad_log_prob=classifier_grad(classifier, labels),

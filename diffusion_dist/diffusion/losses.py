@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from .gaussian import GaussianDiffusion
 
-# (z_t, t, labels) -> model output [ε] or [ε, v], with t the training timestep.
-ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (z_t, t, labels, **text) -> model output [ε] or [ε, v], with t the training timestep; a text model also
+# takes context=, context_mask= and pooled= keyword tensors.
+ConditionalModel = Callable[..., torch.Tensor]
 # (z_t, t) -> logits of p_φ(c | z_t, t), with t the training timestep.
 NoisyClassifierFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

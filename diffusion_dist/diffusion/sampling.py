@@ -10,7 +10,7 @@ Both stack on classifier-free guidance.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +19,9 @@ from .gaussian import GaussianDiffusion, Prediction, at_timestep
 from .losses import ConditionalModel, NoisyClassifierFn
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A conditional model's condition arguments by name (labels=..., and for text models context=...,
+# context_mask=..., pooled=...), each batched along dim 0.
+Conditions = Mapping[str, torch.Tensor]
 # (z_t, t) -> ∇_{z_t} log p_φ(c | z_t, t), same shape as z_t.
 GradLogProb = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (chain, prediction, z_t, chain step t, ∇ log p_φ(c | z_t), s) -> the guided prediction.
@@ -27,28 +30,29 @@ Conditioning = Callable[[GaussianDiffusion, Prediction, torch.Tensor, torch.Tens
 Callback = Callable[[int, torch.Tensor, Prediction], None]
 
 
-def classifier_free_guidance(model: ConditionalModel, labels: torch.Tensor, null_label: int, scale: float) -> ModelFn:
+def classifier_free_guidance(model: ConditionalModel, cond: Conditions, null: Conditions, scale: float) -> ModelFn:
     """ε̃ = (1 + w)·ε_θ(z_t, t, c) − w·ε_θ(z_t, t, ∅)  (Ho & Salimans 2022, Eq. 6).
 
-    Conditional and unconditional predictions come from one batched forward. Guidance
-    applies to all latent channels of ε; learned variance channels take the conditional
+    `cond` and `null` are the model's condition arguments (labels, text) for c and for ∅, each
+    batched along dim 0. Conditional and unconditional predictions come from one batched forward.
+    Guidance applies to all latent channels of ε; learned variance channels take the conditional
     prediction's values.
     """
 
     def guided(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        null = torch.full_like(labels, null_label)
-        out = model(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([labels, null]))
-        cond, uncond = out.chunk(2)  # each (N, C or 2C, ...)
+        both = {key: torch.cat([value, null[key]]) for key, value in cond.items()}
+        out = model(torch.cat([z_t, z_t]), torch.cat([t, t]), **both)
+        conditioned, unconditioned = out.chunk(2)  # each (N, C or 2C, ...)
         channels = z_t.shape[1]
-        eps = (1 + scale) * cond[:, :channels] - scale * uncond[:, :channels]
-        return torch.cat([eps, cond[:, channels:]], dim=1)
+        eps = (1 + scale) * conditioned[:, :channels] - scale * unconditioned[:, :channels]
+        return torch.cat([eps, conditioned[:, channels:]], dim=1)
 
     return guided
 
 
-def conditional(model: ConditionalModel, labels: torch.Tensor) -> ModelFn:
+def conditional(model: ConditionalModel, cond: Conditions) -> ModelFn:
     """The plain conditional model ε_θ(z_t, t, c), no guidance."""
-    return lambda z_t, t: model(z_t, t, labels)
+    return lambda z_t, t: model(z_t, t, **cond)
 
 
 def classifier_grad(classifier: NoisyClassifierFn, labels: torch.Tensor) -> GradLogProb:

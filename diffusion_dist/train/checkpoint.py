@@ -422,9 +422,11 @@ def _owners(sizes: list[int], ranks: int) -> list[int]:
 def _check_dataset(saved: ExportInfo, current: ExportInfo) -> None:
     """A checkpoint resumes only on latents of its codec and shape: another dataset would change the
     model's input silently."""
+    encoder = lambda info: info.text_encoder and {k: info.text_encoder.get(k) for k in ("name", "sha256")}  # noqa: E731
     for what, theirs, ours in (
         ("codec", saved.codec, current.codec),
         ("latent shape", list(saved.latent_shape), list(current.latent_shape)),
+        ("text encoder", encoder(saved), encoder(current)),
     ):
         if theirs != ours:
             raise TrainingAborted(

@@ -65,6 +65,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         storage_options=config.data.storage_options,
         pin_memory=device.type == "cuda",
         stop=lambda: preemption.raised,  # reads stuck on storage give up, so the rank can reach its save
+        text=config.model.text,
     )
     _check_labels(config, data.manifest, objective)
     model = objective.build(
@@ -74,6 +75,7 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         learn_sigma=objective.diffusion.learn_sigma,
         dropout=config.model.dropout,
         gradient_checkpointing=config.model.gradient_checkpointing,
+        text_encoder=data.manifest["text"]["encoder"] if config.model.text else None,
     )
     num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine = Engine(model, config, world, device)
@@ -85,14 +87,16 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
     tracker = start_tracking(config, process, data, num_parameters, state.resumed_tracking)
     state.tracker = tracker
     metrics = MetricsLog(run_dir, rank, objective.diffusion.num_timesteps, device, accuracy=not objective.generates)
-    reports = Reports(config, process, export, tracker, metrics, ema, features, device, objective.generates)
+    reports = Reports(config, process, export, tracker, metrics, ema, features, device, objective.generates, data)
 
     # NHWC inputs: convolutions follow their input's layout where their kernels allow (whether
     # the GroupNorms keep it differs by device: measure with benchmarks/gpu_throughput.py).
     layout = torch.channels_last if config.train.channels_last else torch.contiguous_format
 
-    def network(z: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
-        return engine(z.to(engine.input_dtype, memory_format=layout), *conditions).float()
+    def network(z: torch.Tensor, *conditions: torch.Tensor, **text: torch.Tensor) -> torch.Tensor:
+        # Text embeddings arrive in bf16 (as stored); the engine's forward takes its input dtype.
+        text = {k: v.to(engine.input_dtype) if v.is_floating_point() else v for k, v in text.items()}
+        return engine(z.to(engine.input_dtype, memory_format=layout), *conditions, **text).float()
 
     keys_log = (run_dir / "logs" / f"keys-rank{rank}.txt").open("a") if config.run.log_sample_keys else None
     batches = iter(data)
@@ -107,7 +111,8 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
                 latents = batch.latents.to(device, non_blocking=True)
                 labels = batch.labels.to(device, non_blocking=True)
                 draws = {name: value.to(device, non_blocking=True) for name, value in batch.draws.items()}
-                terms = objective.loss(network, latents, labels, draws)
+                text = {k: v.to(device, non_blocking=True) for k, v in batch.text.items()} if batch.text else None
+                terms = objective.loss(network, latents, labels, draws, text)
                 engine.backward(objective.total(terms))
                 metrics.add(terms)
                 if keys_log:
@@ -156,9 +161,8 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
         if rank == 0:
             tracking = {"experiment": config.tracking.experiment, "run_id": tracker.run_id} if tracker.run_id else None
             # launch.evaluate logs its results as a child of the training run the export names.
-            directory = write_export(
-                run_dir / "export", weights, export.replace(step=progress.step, tracking=tracking), raw
-            )
+            info = export.replace(step=progress.step, tracking=tracking)
+            directory = write_export(run_dir / "export", weights, info, raw, data.null_text if config.model.text else None)
             tracker.log_artifacts(directory, "export")
             log.info("done: %d steps; export in %s", progress.step, directory)
         preemption.close()

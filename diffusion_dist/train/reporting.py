@@ -131,11 +131,12 @@ class Reports:
         features: FeatureNet | None,
         device: torch.device,
         generates: bool,
+        data: LatentLoader,
     ) -> None:
         self.config, self.tracker, self.metrics, self.ema = config, tracker, metrics, ema
         self.rank, self.run_dir = process.rank, Path(config.run.dir)
         self.grids = bool(config.tracking.sample_every) and generates
-        self.grid = _grid_sampler(export, config, device) if self.rank == 0 and self.grids else None
+        self.grid = _grid_sampler(export, config, device, data) if self.rank == 0 and self.grids else None
         self.fid = _training_fid(config, export, features, process, device) if features and generates else None
 
     def after_step(self, progress: Progress, lr: float, loss_scale: float | None) -> None:
@@ -237,9 +238,14 @@ def start_tracking(
     )
 
 
-def _grid_sampler(export: ExportInfo, config: Config, device: torch.device) -> SampleGrid | None:
+def _grid_sampler(export: ExportInfo, config: Config, device: torch.device, data: LatentLoader) -> SampleGrid | None:
+    """Rank 0's grid maker: a row per class, or for a text model per prompt (tracking.prompts, else
+    the dataset's first captions)."""
     try:
-        return SampleGrid(export, device, seed=config.run.seed)
+        if not config.model.text:
+            return SampleGrid(export, device, seed=config.run.seed)
+        prompts = config.tracking.prompts or data.first_captions(8)
+        return SampleGrid(export, device, seed=config.run.seed, prompts=prompts, null_text=data.null_text)
     except Exception as e:  # noqa: BLE001 - e.g. the VAE cannot be loaded offline: train without grids
         log.warning("sample grids disabled: %s", e)
         return None
