@@ -1,10 +1,13 @@
 """python -m launch.sample EXPORT_OR_RUN_DIR --classes 0,1,2 --per-class 8 --cfg-scale W --steps 50
        [--classifier CLASSIFIER_EXPORT --classifier-scale S] [--sampler ddim|ddpm] [--seed S] [--out FILE]
        [--device cuda]
+python -m launch.sample TEXT_EXPORT --prompt "a handwritten 7" [--prompt ...] [--prompts-file F]
+       [--text-encoder FOLDER] --cfg-scale W ...
 
-Writes FILE.png, an image grid with one row per class, and FILE.npz with the decoded images
-(uint8, NHWC) and their labels. Latents are decoded with the codec recorded at encoding.
-Guidance: classifier-free (--cfg-scale, conditional models), classifier guidance with a
+Writes FILE.png, an image grid with one row per class (or prompt), and FILE.npz with the decoded
+images (uint8, NHWC), their labels (and prompts). A text model's prompts are encoded by the text
+encoder its data was encoded with (another is refused) and guided against its recorded ∅.
+Latents are decoded with the codec recorded at encoding. Guidance: classifier-free (--cfg-scale, conditional models), classifier guidance with a
 noisy-latent classifier trained with model.kind=classifier (--classifier, --classifier-scale),
 or both; an unconditional model needs the classifier to follow --classes. --cfg-scale is w of
 ε̃ = (1 + w)·ε_c − w·ε_∅ (w = 0: no guidance); DiT, GLIDE and diffusers write s = 1 + w, so
@@ -25,8 +28,8 @@ import torch
 
 from diffusion_dist.data.storage import redact_text
 from diffusion_dist.diffusion import SAMPLERS
-from diffusion_dist.export import load_export
-from diffusion_dist.inference import Guidance, check_classifier, generate_images
+from diffusion_dist.export import load_export, load_null_text
+from diffusion_dist.inference import Guidance, check_classifier, encode_prompts, generate_images
 from diffusion_dist.pictures import row_labels, save_grid
 
 
@@ -95,7 +98,7 @@ def load_models(args: argparse.Namespace, need_classes: bool = True) -> tuple:
         classifier, _, classifier_info = load_export(args.classifier, args.device)
         check_classifier(info, classifier_info)
         num_classes = classifier_info.model.num_classes
-    if num_classes == 0 and need_classes:
+    if num_classes == 0 and need_classes and info.text_encoder is None:
         raise ValueError(f"{args.export} is unconditional: pass --classifier to sample classes")
     args.steps = info.diffusion.sample_steps if args.steps is None else args.steps  # 0 is an error, not the default
     if not 1 <= args.steps <= diffusion.num_timesteps:
@@ -117,11 +120,33 @@ def parse_classes(text: str | None, num_classes: int) -> list[int]:
     return classes
 
 
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt (repeatable) then the lines of --prompts-file (blank lines ignored)."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompts-file {args.prompts_file}: cannot read it ({e})") from None
+        prompts += [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts-file {args.prompts_file}: holds no prompt (one per line)")
+    return prompts
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.sample", description=__doc__.splitlines()[0])
     parser.add_argument("export", help="an export folder, or a run directory holding export/")
     parser.add_argument("--classes", default=None, help="comma-separated class ids (default: all)")
-    parser.add_argument("--per-class", type=count(1), default=8)
+    parser.add_argument("--prompt", action="append", help="a text model's prompt (repeat for more rows)")
+    parser.add_argument("--prompts-file", default=None, help="a text model's prompts, one per line")
+    parser.add_argument(
+        "--text-encoder",
+        default=None,
+        help="the text encoder to encode prompts with (default: the one the export names; a local folder of the "
+        "same encoder works offline; another encoder is refused)",
+    )
+    parser.add_argument("--per-class", type=count(1), default=8, help="samples per class or prompt")
     parser.add_argument(
         "--cfg-scale",
         type=scale,
@@ -135,7 +160,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         model, diffusion, info, classifier, num_classes = load_models(args)
-        classes = parse_classes(args.classes, num_classes)
+        prompts = read_prompts(args)
+        text = null_text = None
+        if prompts or info.text_encoder is not None:
+            if info.text_encoder is None:
+                raise ValueError(f"{args.export} is not a text model: sample it with --classes")
+            if not prompts:
+                raise ValueError(f"{args.export} is a text model: give --prompt or --prompts-file")
+            if args.classes is not None:
+                raise ValueError("give --prompt or --classes, not both (a row per prompt)")
+            rows = [prompt for prompt in prompts for _ in range(args.per_class)]
+            text, null_text = encode_prompts(info, rows, args.device, args.text_encoder), load_null_text(args.export)
+            classes, grid_labels = [info.model.num_classes] * len(prompts), prompts  # ∅ labels: text conditions
+        else:
+            classes = parse_classes(args.classes, num_classes)
+            grid_labels = row_labels(classes, info.dataset.class_names)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
@@ -153,13 +192,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         device=args.device,
         progress=True,
+        text=text,
+        null_text=null_text,
     )
     out = Path(args.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        grid_labels = row_labels(classes, info.dataset.class_names)
         save_grid(out.with_suffix(".png"), images, rows=len(classes), labels=grid_labels)
-        np.savez_compressed(out.with_suffix(".npz"), images=images, labels=np.asarray(labels))
+        extra = {"prompts": np.asarray([p for p in prompts for _ in range(args.per_class)])} if prompts else {}
+        np.savez_compressed(out.with_suffix(".npz"), images=images, labels=np.asarray(labels), **extra)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             print(f"error: no space left on {e.filename or out.parent.resolve()} (--out {args.out})", file=sys.stderr)

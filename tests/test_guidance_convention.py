@@ -22,7 +22,10 @@ def test_w_is_diffusers_s_minus_one():
     z, t, labels = torch.randn(4, 3, dtype=torch.float64), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 0])
     cond, uncond = model(z, t, labels), model(z, t, torch.full_like(labels, 5))
     w = 0.5
-    torch.testing.assert_close(classifier_free_guidance(model, {"labels": labels}, {"labels": torch.full_like(labels, 5)}, w)(z, t), uncond + (1 + w) * (cond - uncond))
+    torch.testing.assert_close(
+        classifier_free_guidance(model, {"labels": labels}, {"labels": torch.full_like(labels, 5)}, w)(z, t),
+        uncond + (1 + w) * (cond - uncond),
+    )
 
 
 def test_imagenet_config_uses_dits_best_fid_scale():

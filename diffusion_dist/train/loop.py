@@ -162,7 +162,9 @@ def train(config: Config, process: ProcessInfo, resume: str | None = None, fresh
             tracking = {"experiment": config.tracking.experiment, "run_id": tracker.run_id} if tracker.run_id else None
             # launch.evaluate logs its results as a child of the training run the export names.
             info = export.replace(step=progress.step, tracking=tracking)
-            directory = write_export(run_dir / "export", weights, info, raw, data.null_text if config.model.text else None)
+            directory = write_export(
+                run_dir / "export", weights, info, raw, data.null_text if config.model.text else None
+            )
             tracker.log_artifacts(directory, "export")
             log.info("done: %d steps; export in %s", progress.step, directory)
         preemption.close()
