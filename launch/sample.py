@@ -8,8 +8,9 @@ Writes FILE.png, an image grid with one row per class (or prompt), and FILE.npz 
 images (uint8, NHWC), their labels (and prompts). A text model's prompts are encoded by the text
 encoder its data was encoded with (another is refused) and guided against its recorded ∅.
 Latents are decoded with the codec recorded at encoding. Guidance: classifier-free (--cfg-scale,
-conditional models), classifier guidance with a noisy-latent classifier trained with model.kind=classifier (--classifier, --classifier-scale),
-or both; an unconditional model needs the classifier to follow --classes. --cfg-scale is w of
+conditional models), classifier guidance with a noisy-latent classifier trained with
+model.kind=classifier (--classifier, --classifier-scale), or both; an unconditional model needs
+the classifier to follow --classes. --cfg-scale is w of
 ε̃ = (1 + w)·ε_c − w·ε_∅ (w = 0: no guidance); DiT, GLIDE and diffusers write s = 1 + w, so
 their 1.5 is --cfg-scale 0.5.
 """
