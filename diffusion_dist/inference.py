@@ -100,13 +100,11 @@ def encode_prompts(
     """A text model's prompts encoded by the text encoder its data was encoded with: the one the export
     names, or `encoder` (a local folder, say) when it is the same encoder (same weights and vocabulary);
     another encoder is refused."""
-    from .text import TextEncoder, check_same_encoder
+    from .text import TextEncoder
 
     if info.text_encoder is None:
         raise ValueError("this model takes no text: sample it with class labels")
-    loaded = TextEncoder.load(encoder or info.text_encoder["name"], info.text_encoder["max_length"], device)
-    check_same_encoder(info.text_encoder, loaded.record())
-    batch = loaded.encode(prompts)
+    batch = TextEncoder.from_record(info.text_encoder, encoder, device).encode(prompts)
     text = {"embedding": batch.embedding, "mask": batch.mask}
     if batch.pooled is not None:
         text["pooled"] = batch.pooled
