@@ -11,6 +11,7 @@ latent datasets (decoded with their codec). Weights are never downloaded unless 
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .distributed import broadcast_from_rank0, gather_in_order
 from .export import ExportInfo
 from .inference import Guidance, generate_images, sampling_copy
 from .models import UNet
+from .text import TextEncoder
 
 INCEPTION = "inception-v3-compat"
 # An iterator of (global sample indices (B,), uint8 images (B, 3, H, W)) for this rank.
@@ -242,13 +244,23 @@ def sample_batches(
     device: str | torch.device = "cpu",
     codec: Codec | None = None,
     progress: bool = False,
+    prompts: list[str] | None = None,
+    encoder: TextEncoder | None = None,
+    null_text: Mapping[str, torch.Tensor] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's share of the samples for `labels`: batch b (samples b·B ...) goes to rank b mod world
-    size and starts from seed + b·B, so the whole set is the same whatever the number of ranks."""
+    """This rank's share of the samples for `labels` (and, for a text model, `prompts`, one per label,
+    encoded batch by batch by `encoder`): batch b (samples b·B ...) goes to rank b mod world size and
+    starts from seed + b·B, so the whole set is the same whatever the number of ranks."""
     codec = codec or codec_from_manifest(info.codec, device)
     starts = list(range(0, len(labels), batch_size))[rank::world_size]
     for start in tqdm(starts, desc=f"sampling (rank {rank})", disable=not progress, unit="batch"):
         chunk = labels[start : start + batch_size]
+        text = None
+        if prompts is not None:
+            encoded = encoder.encode(prompts[start : start + batch_size])
+            text = {"embedding": encoded.embedding, "mask": encoded.mask}
+            if encoded.pooled is not None:
+                text["pooled"] = encoded.pooled
         images = generate_images(
             model,
             diffusion,
@@ -261,8 +273,71 @@ def sample_batches(
             device=device,
             batch_size=len(chunk),
             codec=codec,
+            text=text,
+            null_text=null_text,
         )
         yield torch.arange(start, start + len(chunk)), torch.from_numpy(images).permute(0, 3, 1, 2)
+
+
+def dataset_captions(url: str, limit: int, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The first caption of each of a captioned dataset's first `limit` samples, in manifest order
+    (repeated from the start when it has fewer): the prompts a text model is scored with against it."""
+    manifest = load_manifest(url, storage_options)
+    if not manifest.get("text"):
+        raise EvaluationError(f"{redact_url(url)} holds no captions: a text model is evaluated on a captioned dataset")
+    fs, root = filesystem(url, storage_options)
+    captions: list[str] = []
+    for shard in manifest["shards"]:
+        for sample in read_shard(fs, root, shard, ("captions.json",)):
+            captions.append(json.loads(bytes(sample["captions.json"]))[0])
+            if len(captions) == limit:
+                return captions
+    return [captions[i % len(captions)] for i in range(limit)]
+
+
+class ClipScore:
+    """CLIPScore (Hessel et al. 2021, as torchmetrics computes it): 100 · max(cos(image, text), 0) averaged
+    over the samples, with a CLIP model from a local folder or hub id (transformers CLIPModel). Rank 0 gets
+    the mean of every rank's samples."""
+
+    def __init__(self, name_or_path: str, device: str | torch.device) -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            with torch.random.fork_rng(devices=[]):
+                self.model = CLIPModel.from_pretrained(name_or_path).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(name_or_path)
+        except (OSError, ValueError) as e:
+            raise EvaluationError(
+                f"--clip-model {name_or_path}: cannot load a CLIP model there ({str(e).splitlines()[0]}); pass a "
+                "local folder holding a transformers CLIPModel with its processor files, or leave --clip-model out"
+            ) from None
+        self.name, self.device = name_or_path, torch.device(device)
+        self.total, self.count = 0.0, 0
+
+    @torch.no_grad()
+    def add(self, images: torch.Tensor, prompts: list[str]) -> None:
+        """uint8 images (N, 3, H, W) and their prompts."""
+        inputs = self.processor(text=prompts, images=list(images), return_tensors="pt", padding=True)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        image = torch.nn.functional.normalize(
+            self.model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1
+        )
+        text = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        cosine = (image * torch.nn.functional.normalize(text, dim=-1)).sum(-1)
+        self.total += float((100 * cosine.clamp(min=0)).sum())
+        self.count += len(prompts)
+
+    def observe(self, batches: ImageBatches, prompts: list[str]) -> ImageBatches:
+        """The batches, passed on unchanged, scored against their prompts on the way."""
+        for index, images in batches:
+            self.add(images, [prompts[i] for i in index.tolist()])
+            yield index, images
+
+    def result(self) -> float | None:
+        """The mean over every rank's samples, on rank 0; None elsewhere (a collective)."""
+        parts = gather_in_order((self.total, self.count))
+        return None if parts is None else sum(t for t, _ in parts) / max(1, sum(c for _, c in parts))
 
 
 # References.

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusion_dist.text import TextEncoder
 
 from data_tools.encode_latents import json_options
 from data_tools.images import IMAGE_EXTENSIONS, BadImage, center_crop_resize, decode_image
@@ -36,9 +37,11 @@ from diffusion_dist.data.storage import atomic_file, filesystem, read_bytes, red
 from diffusion_dist.distributed import barrier, end_process_group, init_process_group, process_from_env
 from diffusion_dist.evaluation import (
     INCEPTION,
+    ClipScore,
     EvaluationError,
     FeatureNet,
     dataset_batches,
+    dataset_captions,
     extract_features,
     image_resolution,
     load_statistics,
@@ -48,7 +51,7 @@ from diffusion_dist.evaluation import (
     scores,
     statistics,
 )
-from diffusion_dist.export import ExportInfo
+from diffusion_dist.export import ExportInfo, load_null_text
 from diffusion_dist.inference import Guidance
 from diffusion_dist.pictures import styled_figure
 from launch.sample import add_guidance_arguments, load_models
@@ -83,6 +86,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the training run's)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    parser.add_argument(
+        "--prompts-file",
+        default=None,
+        help="a text model's prompts, one per line, cycled (default: the captions of --reference, a captioned dataset)",
+    )
+    parser.add_argument("--text-encoder", default=None, help="a local copy of the export's text encoder")
+    parser.add_argument("--clip-model", default=None, help="a CLIP model (local folder) for a text model's CLIP score")
     add_guidance_arguments(parser)
     return parser.parse_args(argv)
 
@@ -95,6 +105,24 @@ def scales(text: str) -> list[float]:
     if not all(math.isfinite(v) and v >= 0 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: guidance scales must be finite and >= 0")
     return values
+
+
+def text_prompts(args: argparse.Namespace, reference: Reference) -> list[str]:
+    """--num-samples prompts for a text model: --prompts-file's lines, or the reference dataset's captions."""
+    if args.prompts_file:
+        try:
+            lines = [line.strip() for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise EvaluationError(f"--prompts-file {args.prompts_file}: cannot read it ({e})") from None
+        lines = [line for line in lines if line]
+        if not lines:
+            raise EvaluationError(f"--prompts-file {args.prompts_file}: holds no prompt (one per line)")
+        return [lines[i % len(lines)] for i in range(args.num_samples)]
+    if reference.kind != "dataset":
+        raise EvaluationError(
+            "a text model needs prompts: give --prompts-file, or a captioned latent dataset as --reference"
+        )
+    return dataset_captions(args.reference, args.num_samples, args.storage_options)
 
 
 def run_dir_of(export: str) -> Path | None:
@@ -195,6 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reference.kind == "statistics":
             reference_stats = load_statistics(args.reference, features.name)
             features.check(reference_stats, resolution)
+        prompts = encoder = null_text = clip = None
+        if info.text_encoder is not None:
+            prompts = text_prompts(args, reference)
+            encoder = TextEncoder.from_record(info.text_encoder, args.text_encoder, device)
+            null_text = load_null_text(args.export)
+            clip = ClipScore(args.clip_model, device) if args.clip_model else None
+        elif args.prompts_file or args.clip_model:
+            raise EvaluationError(f"{args.export} is not a text model: --prompts-file and --clip-model need one")
     except (EvaluationError, DatasetError, FileNotFoundError, ValueError) as e:
         print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
@@ -225,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_statistics(args.save_reference_stats, reference_stats, features.name, **meta)
 
     labels = sample_labels(args.num_samples, max(1, num_classes))  # an unconditional model: all ∅ anyway
+    if prompts is not None:
+        labels = [info.model.num_classes] * args.num_samples  # ∅ labels: the prompts condition a text model
     results = []
     for scale in cfg_scales:
         started = time.perf_counter()
@@ -242,10 +280,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             world_size=world,
             device=args.device,
             progress=rank == 0,
+            prompts=prompts,
+            encoder=encoder,
+            null_text=null_text,
         )
+        if clip is not None:
+            clip.total, clip.count = 0.0, 0
+            batches = clip.observe(batches, prompts)
         gathered = extract_features(batches, features)
+        clip_score = clip.result() if clip is not None else None  # a collective
         if rank == 0:
             result = {"cfg_scale": scale, **scores(gathered, reference_stats)}
+            if clip_score is not None:
+                result["clip_score"] = clip_score
             result["seconds"] = time.perf_counter() - started
             results.append(result)
             log.info("w = %g (s = 1 + w = %g): FID %.3f (%.0f s)", scale, 1 + scale, result["fid"], result["seconds"])
@@ -349,7 +396,7 @@ def log_to_mlflow(args: argparse.Namespace, info: ExportInfo, report: dict[str, 
     )
     metrics = {"fid_best": report["best"]["fid"], "cfg_scale_best": report["best"]["cfg_scale"]}
     for r in report["results"]:
-        for key in ("fid", "inception_score"):
+        for key in ("fid", "inception_score", "clip_score"):
             if key in r:
                 metrics[f"{key}/cfg_{r['cfg_scale']:g}"] = r[key]
     tracker.log_metrics(metrics, report["step"] or 0)
@@ -361,10 +408,12 @@ def log_to_mlflow(args: argparse.Namespace, info: ExportInfo, report: dict[str, 
 
 
 def print_summary(report: dict[str, Any], out: Path) -> None:
-    print(f"{'w':>6} {'FID':>10} {'IS':>8}  ({report['num_samples']} samples, {report['feature_extractor']})")
+    clip = any("clip_score" in r for r in report["results"])
+    header = f"{'w':>6} {'FID':>10} {'IS':>8}" + (f" {'CLIP':>7}" if clip else "")
+    print(f"{header}  ({report['num_samples']} samples, {report['feature_extractor']})")
     for r in report["results"]:
         inception = f"{r['inception_score']:8.2f}" if "inception_score" in r else f"{'-':>8}"
-        print(f"{r['cfg_scale']:6g} {r['fid']:10.3f} {inception}")
+        print(f"{r['cfg_scale']:6g} {r['fid']:10.3f} {inception}" + (f" {r['clip_score']:7.2f}" if clip else ""))
     best, s = report["best"], 1 + report["best"]["cfg_scale"]
     print(f"best: w = {best['cfg_scale']:g} (s = 1 + w = {s:g}), FID {best['fid']:.3f}; report in {out}")
 
