@@ -170,13 +170,17 @@ def test_errors_name_the_problem():
 
 
 def test_readme_lists_every_size_with_its_parameter_count():
+    """Class-only (1000 classes) in column 2; text-only (77 × 768 context, 768 pooled) in column 5."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for name in UNET_SIZES:
         with torch.device("meta"):
             params = sum(p.numel() for p in build_unet(name, 4, 1000, learn_sigma=True).parameters())
-        row = re.search(rf"^\| {re.escape(name)} \|\s*([\d.]+)M", readme, re.M)
-        assert row, f"README.md has no table row for {name}"
+            text_model = build_unet(name, 4, 0, learn_sigma=True, context_dim=768, pooled_dim=768)
+            text_params = sum(p.numel() for p in text_model.parameters())
+        row = re.search(rf"^\| {re.escape(name)} \|\s*([\d.]+)M \|[^|]*\|[^|]*\|\s*([\d.]+)M \|", readme, re.M)
+        assert row, f"README.md has no table row for {name} with a text column"
         assert float(row.group(1)) == pytest.approx(params / 1e6, abs=0.051), name
+        assert float(row.group(2)) == pytest.approx(text_params / 1e6, abs=0.051), name
 
 
 # Text conditioning (issue 18): cross-attention to token embeddings, a pooled vector in the time embedding.

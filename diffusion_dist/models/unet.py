@@ -31,12 +31,12 @@ class UNetSize:
     model_channels: int  # channels at the first level
     channel_mult: tuple[int, ...]  # channels per level = model_channels * mult; one level per entry
     num_res_blocks: int  # residual blocks per level on the way down (one more on the way up)
-    attention_ds: tuple[int, ...]  # downsampling factors (1, 2, 4, ...) that get self-attention
+    attention_ds: tuple[int, ...]  # downsampling factors (1, 2, 4, ...) that get self- (and cross-) attention
     num_head_channels: int = 64  # channels per attention head
 
 
-# Named sizes. Parameter counts and GFLOPs per sample at 4×32×32 are in README.md
-# (benchmarks/model_sizes.py prints them); UNet-XL is near DiT-XL/2's compute.
+# Named sizes, with or without text. Parameter counts and GFLOPs per sample at 4×32×32 and 4×64×64
+# are in README.md (benchmarks/model_sizes.py prints them); UNet-XL is near DiT-XL/2's compute.
 UNET_SIZES: dict[str, UNetSize] = {
     "UNet-T": UNetSize(32, (1, 2), 1, (2,), num_head_channels=32),
     "UNet-S": UNetSize(64, (1, 2, 2), 2, (2, 4)),
