@@ -176,7 +176,7 @@ class CrossAttentionBlock(nn.Module):
         length, d = context.shape[1], c // self.num_heads
         tokens = self.norm(x).reshape(n, c, h * w).transpose(1, 2)  # (N, H·W, C)
         q = self.q(tokens).reshape(n, h * w, self.num_heads, d).transpose(1, 2)  # (N, heads, H·W, d)
-        kv = self.kv(context).reshape(n, length, 2, self.num_heads, d)
+        kv = self.kv(context).reshape(n, length, 2, self.num_heads, d)  # (N, L, 2, heads, d)
         k, v = kv.permute(2, 0, 3, 1, 4)  # each (N, heads, L, d)
         attn_mask, keep = None, None
         if context_mask is not None:
@@ -184,8 +184,8 @@ class CrossAttentionBlock(nn.Module):
             # Broadcast over heads and queries; a row with no real token attends to every token
             # (a finite softmax) and its result is dropped below.
             attn_mask = (context_mask | ~keep[:, 0])[:, None, None, :]  # (N, 1, 1, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(n, h * w, c)
-        out = self.proj(out)  # (N, H·W, C)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, heads, H·W, d)
+        out = self.proj(out.transpose(1, 2).reshape(n, h * w, c))  # (N, H·W, C)
         if keep is not None:
             out = out * keep.to(out.dtype)  # (N, H·W, C); 0 where the sample has no real token
         return x + out.transpose(1, 2).reshape(n, c, h, w)  # (N, C, H, W)
