@@ -1,4 +1,4 @@
-"""Networks: the conditional UNet and the noisy-latent classifier in named sizes. Know nothing of ranks or DeepSpeed."""
+"""Networks: the UNet (class, text or both) and the noisy-latent classifier in named sizes. No ranks, no DeepSpeed."""
 
 from .classifier import NoisyClassifier, build_classifier
 from .unet import UNET_SIZES, UNet, UNetSize, build_unet
