@@ -125,8 +125,8 @@ class Engine:
         self.input_dtype = torch.float16 if self.fp16 else torch.float32
         self._micro_batches = 0
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self._ds(*inputs)
+    def __call__(self, *inputs: torch.Tensor, **keywords: torch.Tensor) -> torch.Tensor:
+        return self._ds(*inputs, **keywords)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradients of one micro batch's loss (DeepSpeed divides by the accumulation steps)."""
