@@ -221,7 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.grid and picked:
         shown = decode_grid(picked, manifest, columns, args.grid)
         print(f"grid of {shown} decoded samples: {args.grid}")
-    print("OK" if not problems else f"{len(problems)} of {len(manifest['shards'])} shards have problems")
+    bad_shards = len(problems) - (text is not None and text["null"] in problems)
+    summary = f"{bad_shards} of {len(manifest['shards'])} shards have problems"
+    if text is not None and text["null"] in problems:
+        summary += f"; so has {text['null']}"
+    print("OK" if not problems else summary)
     return 0 if not problems else 1
 
 
