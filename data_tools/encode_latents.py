@@ -112,7 +112,8 @@ class UnitImages(IterableDataset):
             out = ImageBatch(
                 unit, stacked.contiguous(), list(keys), list(labels), list(metadata), list(captions), missing
             )
-            out.skipped, out.last, missing = list(skipped), last, 0
+            out.skipped, out.last = list(skipped), last
+            missing = 0
             for buffer in (images, keys, labels, metadata, captions, skipped):
                 buffer.clear()
             return out

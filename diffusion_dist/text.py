@@ -88,7 +88,7 @@ class TextEncoder:
             with torch.random.fork_rng(devices=[]):
                 model = model_class.from_pretrained(name)
             tokenizer = AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError, KeyError, ImportError) as e:
+        except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:  # RuntimeError: size mismatch
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(
                 f"cannot load the text encoder {name!r}: {reason}."
@@ -105,9 +105,16 @@ class TextEncoder:
             raise ValueError(f"text max_length {max_length} must be >= 2 (room for a token and the end marker)")
         if limit is not None and max_length > limit:
             raise ValueError(f"text max_length {max_length} exceeds the {limit} positions of the text encoder {name!r}")
+        folder = _model_folder(name)
+        if folder is not None and not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+            # transformers may build a tokenizer with no vocabulary at all rather than fail.
+            raise ValueError(
+                f"cannot load the text encoder {name!r}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) beside "
+                "its config.json; save the tokenizer into the same folder"
+            )
         if tokenizer.pad_token is None:
             raise ValueError(f"the tokenizer of the text encoder {name!r} has no padding token")
-        return cls(name, model, tokenizer, int(max_length), _model_folder(name))
+        return cls(name, model, tokenizer, int(max_length), folder)
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> TextBatch:

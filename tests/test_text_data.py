@@ -129,6 +129,13 @@ def test_default_max_length_and_limits(t5, clip):
         TextEncoder.load(t5.parent / "nothing-here")
 
 
+def test_an_encoder_without_its_tokenizer_is_refused(t5, tmp_path):
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(t5 / name, tmp_path / name)
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        TextEncoder.load(tmp_path)
+
+
 def test_record_hash_follows_weights_and_vocabulary(t5, clip, tmp_path):
     record = TextEncoder.load(t5, max_length=L).record()
     assert record == {
