@@ -9,6 +9,10 @@ Part r of a --world-size W run does the units u ≡ r (mod W). A unit with a rec
 shards are all present is done, so a rerun after a kill skips it; the manifest is written
 from the records once every unit has one. Output bytes depend only on the input and the
 encoding arguments: not on worker count, timing, or how the work was split.
+
+With --text-encoder, each sample's captions are encoded too (text.npy, text_mask.npy,
+text_pooled.npy, captions.json; docs/contracts.md), in one forward per image batch, and the
+encoded empty caption is written once as null_text.safetensors before the manifest.
 """
 
 from __future__ import annotations
@@ -44,12 +48,15 @@ from diffusion_dist.data.storage import (
     redact_url,
     write_atomic,
 )
+from diffusion_dist.text import TextEncoder, bf16_bits
 
 from . import progress_interval
 from .images import BadImage, FolderSource, InputError, TarSource, center_crop_resize, decode_image, open_source
 
 log = logging.getLogger("encode_latents")
 PARTS = "_parts"
+NULL_TEXT = "null_text.safetensors"
+MISSING_CAPTIONS = ("skip", "empty")
 
 
 @dataclass
@@ -61,6 +68,8 @@ class ImageBatch:
     keys: list[str]
     labels: list[int | None]
     metadata: list[dict[str, Any]]
+    captions: list[list[str]] = field(default_factory=list)  # per image, when captions are encoded
+    missing: int = 0  # images given the empty caption (--missing-captions empty)
     skipped: list[dict[str, str]] = field(default_factory=list)
     last: bool = False  # the unit's final batch
 
@@ -76,8 +85,16 @@ class UnitImages(IterableDataset):
     depend on how many workers there are or which part encodes the unit.
     """
 
-    def __init__(self, source: FolderSource | TarSource, units: list[int], resolution: int, batch_size: int):
+    def __init__(
+        self,
+        source: FolderSource | TarSource,
+        units: list[int],
+        resolution: int,
+        batch_size: int,
+        missing_captions: str | None = None,  # None: captions are not encoded; else skip | empty
+    ):
         self.source, self.units, self.resolution, self.batch_size = source, units, resolution, batch_size
+        self.missing_captions = missing_captions
 
     def __iter__(self) -> Iterator[ImageBatch]:
         worker = get_worker_info()
@@ -86,12 +103,18 @@ class UnitImages(IterableDataset):
             yield from self._unit_batches(unit)
 
     def _unit_batches(self, unit: int) -> Iterator[ImageBatch]:
-        images, keys, labels, metadata, skipped = [], [], [], [], []
+        images, keys, labels, metadata, captions, skipped = [], [], [], [], [], []
+        missing = 0
 
         def batch(last: bool) -> ImageBatch:
+            nonlocal missing
             stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) if images else torch.empty(0, 3, 1, 1)
-            out = ImageBatch(unit, stacked.contiguous(), list(keys), list(labels), list(metadata), list(skipped), last)
-            for buffer in (images, keys, labels, metadata, skipped):
+            out = ImageBatch(
+                unit, stacked.contiguous(), list(keys), list(labels), list(metadata), list(captions), missing
+            )
+            out.skipped, out.last = list(skipped), last
+            missing = 0
+            for buffer in (images, keys, labels, metadata, captions, skipped):
                 buffer.clear()
             return out
 
@@ -99,18 +122,23 @@ class UnitImages(IterableDataset):
             try:
                 if item.reason:
                     raise BadImage(item.reason)
+                if self.missing_captions == "skip" and not item.captions:
+                    raise BadImage("no caption")
                 image = decode_image(item.data)
                 array = center_crop_resize(image, self.resolution)
             except BadImage as e:
                 skipped.append({"source": item.source, "reason": str(e)})
                 continue
             meta = {"source": item.source, "width": image.width, "height": image.height}
-            if item.caption is not None:
-                meta["caption"] = item.caption
+            if item.captions:
+                meta["caption"] = item.captions[0]
             images.append(array)
             keys.append(item.key)
             labels.append(item.label)
             metadata.append(meta)
+            if self.missing_captions is not None:
+                captions.append(item.captions or [""])
+                missing += not item.captions
             if len(images) == self.batch_size:
                 yield batch(last=False)
         yield batch(last=True)
@@ -125,7 +153,51 @@ class UnitResult:
     keys: list[str] = field(default_factory=list)
     labels: list[int | None] = field(default_factory=list)
     metadata: list[dict[str, Any]] = field(default_factory=list)
+    text: list[dict[str, bytes]] = field(default_factory=list)  # per sample: the text members, encoded
     skipped: list[dict[str, str]] = field(default_factory=list)
+    captions: dict[str, int] | None = None  # caption counts (text_counts), when captions are encoded
+
+
+def text_counts() -> dict[str, int]:
+    """Caption statistics of a unit (its record) or a run: captions encoded, the most for one image,
+    those cut to max_length, and images without a caption (skipped or given the empty one)."""
+    return {"total": 0, "max_per_image": 0, "truncated": 0, "missing": 0}
+
+
+def text_members(encoder: TextEncoder, captions: list[list[str]]) -> tuple[list[dict[str, bytes]], int]:
+    """Each image's text members (text.npy (K, L, D), text_mask.npy (K, L), text_pooled.npy (K, P),
+    captions.json) from one forward over all the batch's captions; and how many were truncated."""
+    encoded = encoder.encode([c for image in captions for c in image])
+    embedding = bf16_bits(encoded.embedding)  # (ΣK, L, D) uint16 bfloat16 bits
+    mask = encoded.mask.cpu().numpy().astype(np.uint8)  # (ΣK, L)
+    pooled = None if encoded.pooled is None else bf16_bits(encoded.pooled)  # (ΣK, P)
+    members, start = [], 0
+    for image in captions:
+        end = start + len(image)
+        sample = {
+            "text.npy": encode_npy(embedding[start:end]),
+            "text_mask.npy": encode_npy(mask[start:end]),
+            "captions.json": json.dumps(image, ensure_ascii=False).encode(),
+        }
+        if pooled is not None:
+            sample["text_pooled.npy"] = encode_npy(pooled[start:end])
+        members.append(sample)
+        start = end
+    return members, encoded.truncated
+
+
+def null_text_bytes(encoder: TextEncoder) -> bytes:
+    """null_text.safetensors: the encoded empty caption, the unconditional input of classifier-free guidance."""
+    from safetensors.torch import save
+
+    encoded = encoder.encode([""])
+    tensors = {
+        "embedding": encoded.embedding[0].to(torch.bfloat16).cpu().contiguous(),  # (L, D)
+        "mask": encoded.mask[0].to(torch.uint8).cpu().contiguous(),  # (L,)
+    }
+    if encoded.pooled is not None:
+        tensors["pooled"] = encoded.pooled[0].to(torch.bfloat16).cpu().contiguous()  # (P,)
+    return save(tensors)
 
 
 def shard_name(unit: int, chunk: int) -> str:
@@ -148,6 +220,8 @@ def write_unit(fs, root: str, unit: int, result: UnitResult, encoding: dict[str,
             if result.labels[i] is not None:
                 sample["cls"] = str(result.labels[i]).encode()
             sample["json"] = json.dumps(result.metadata[i], sort_keys=True).encode()
+            if result.text:
+                sample.update(result.text[i])
             samples.append(sample)
         data = tar_bytes(samples)
         name = shard_name(unit, chunk)
@@ -164,6 +238,8 @@ def write_unit(fs, root: str, unit: int, result: UnitResult, encoding: dict[str,
         "labelled": bool(labels),
         "max_label": max(labels) if labels else None,
     }
+    if result.captions is not None:
+        record["captions"] = result.captions
     write_atomic(fs, record_path(root, unit), manifest_bytes(record))
     return record
 
@@ -193,12 +269,13 @@ def unit_is_done(record: dict[str, Any] | None, encoding: dict[str, Any], sizes:
 
 
 def finalize(
-    fs, root: str, encoding: dict[str, Any], class_names: list[str] | None
+    fs, root: str, encoding: dict[str, Any], class_names: list[str] | None, null_text: bytes | None = None
 ) -> tuple[dict[str, Any] | None, list[int]]:
     """Write manifest.json from all unit records: (the manifest, []), or (None, units without a record yet).
 
-    Shards and records left by an earlier run with other settings (--overwrite with another
-    --shard-size, say) are deleted here, when every unit is done and nothing else writes."""
+    With captions (`null_text`: null_text_bytes), null_text.safetensors is written first. Shards and
+    records left by an earlier run with other settings (--overwrite with another --shard-size, say)
+    are deleted here, when every unit is done and nothing else writes."""
     fs.invalidate_cache()
     records, missing = [], []
     for unit in range(encoding["num_units"]):
@@ -228,15 +305,33 @@ def finalize(
         "skipped": [s for r in records for s in r["skipped"]],
         "tool": {"name": "data_tools.encode_latents", "version": __version__, "args": encoding["args"]},
     }
+    if "text" in encoding:
+        counts = [r["captions"] for r in records]
+        manifest["text"] = {
+            "encoder": encoding["text"]["encoder"],
+            "null": NULL_TEXT,
+            "captions": {
+                "max_per_image": max((c["max_per_image"] for c in counts), default=0),
+                "total": sum(c["total"] for c in counts),
+                "truncated": sum(c["truncated"] for c in counts),
+                "missing": {"policy": encoding["args"]["missing_captions"], "count": sum(c["missing"] for c in counts)},
+            },
+        }
+        write_atomic(fs, join(root, NULL_TEXT), null_text)  # readers may rely on it once the manifest exists
     write_atomic(fs, join(root, MANIFEST), manifest_bytes(manifest))
-    remove_stale_files(fs, root, {s["name"] for s in shards}, encoding["num_units"])
+    remove_stale_files(fs, root, {s["name"] for s in shards}, encoding["num_units"], text="text" in encoding)
     return manifest, []
 
 
-def remove_stale_files(fs, root: str, shards: set[str], num_units: int) -> None:
-    """Delete shards the manifest does not list and records of units beyond num_units."""
+def remove_stale_files(fs, root: str, shards: set[str], num_units: int, text: bool = False) -> None:
+    """Delete shards the manifest does not list, records of units beyond num_units, and a null text
+    embedding in a dataset that no longer has text."""
     current_records = {record_path(root, u).rsplit("/", 1)[-1] for u in range(num_units)}
-    stale = [p for p in fs.find(root, maxdepth=1) if p.endswith(".tar") and p.rsplit("/", 1)[-1] not in shards]
+    stale = [
+        p
+        for p in fs.find(root, maxdepth=1)
+        if (p.endswith(".tar") and p.rsplit("/", 1)[-1] not in shards) or (not text and p.endswith("/" + NULL_TEXT))
+    ]
     if fs.exists(join(root, PARTS)):
         stale += [p for p in fs.find(join(root, PARTS)) if p.rsplit("/", 1)[-1] not in current_records]
     for path in stale:
@@ -279,6 +374,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="image decoding processes (default: cores, at most 8)",
     )
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per output shard")
+    parser.add_argument(
+        "--captions",
+        default=None,
+        help='image folder input: captions as JSON lines {"file": "<path in the folder>", "caption": "..."} '
+        'or {"file": ..., "captions": [...]} (tar inputs carry <key>.txt or <key>.json)',
+    )
+    parser.add_argument(
+        "--text-encoder",
+        default=None,
+        help="encode the captions with this CLIP text / T5 encoder (hub id or folder holding its tokenizer)",
+    )
+    parser.add_argument(
+        "--text-max-length",
+        type=int,
+        default=None,
+        help="tokens per caption, padded or truncated (default: the tokenizer's maximum, at most 77)",
+    )
+    parser.add_argument(
+        "--missing-captions",
+        choices=MISSING_CAPTIONS,
+        default=None,
+        help="images without a caption: skip (listed in the manifest) or empty (the empty caption); default skip",
+    )
     parser.add_argument("--flip", action="store_true", help="also encode the mirrored image (latent_flip.npy)")
     parser.add_argument(
         "--precision",
@@ -330,15 +448,25 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_workers < 0:
         raise InputError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.text_encoder is None:
+        given = [f for f in ("captions", "text_max_length", "missing_captions") if getattr(args, f) is not None]
+        if given:
+            raise InputError(
+                f"--{given[0].replace('_', '-')} needs --text-encoder: captions are encoded with a text encoder "
+                "(a hub id or a folder holding a CLIP text model or a T5 encoder and its tokenizer)"
+            )
 
 
-def encoding_settings(args, source, codec: Codec, precision: str) -> dict[str, Any]:
+def encoding_settings(
+    args, source, codec: Codec, precision: str, text_encoder: TextEncoder | None = None
+) -> dict[str, Any]:
     """Everything that determines the output bytes; parts and reruns must agree on all of it.
 
-    The input is recorded as an absolute URL, so `data/x`, `data/x/` and `/abs/data/x` agree."""
+    The input is recorded as an absolute URL, so `data/x`, `data/x/` and `/abs/data/x` agree.
+    Without captions the settings are exactly those of a dataset without text."""
     side = args.resolution // codec.downsample
     channels = codec.latent_channels * (2 if codec.moments else 1)
-    return {
+    settings = {
         "codec": codec.info(),
         "latent": {
             "shape": [channels, side, side],
@@ -361,6 +489,16 @@ def encoding_settings(args, source, codec: Codec, precision: str) -> dict[str, A
             "precision": precision,
         },
     }
+    if text_encoder is not None:
+        settings["text"] = {"encoder": text_encoder.record()}
+        settings["args"].update(
+            text_encoder=args.text_encoder,
+            text_max_length=text_encoder.max_length,
+            captions=redact_url(source.captions_url) if getattr(source, "captions_url", None) else None,
+            captions_sha256=getattr(source, "captions_sha256", None),  # edited captions are other settings
+            missing_captions=args.missing_captions or "skip",
+        )
+    return settings
 
 
 def previous_settings(fs, root: str) -> dict[str, Any] | None:
@@ -373,12 +511,13 @@ def previous_settings(fs, root: str) -> dict[str, Any] | None:
         "latent": manifest.get("latent"),
         "resolution": manifest.get("resolution"),
         "args": manifest.get("tool", {}).get("args"),
+        "text": {"encoder": manifest["text"]["encoder"]} if "text" in manifest else None,
     }
 
 
 def refuse_other_settings(previous: dict[str, Any], encoding: dict[str, Any], output: str) -> None:
     """Stop before writing if the output holds data encoded with other settings."""
-    differences = _differences(previous, {k: encoding[k] for k in previous})
+    differences = _differences(previous, {k: encoding.get(k) for k in previous})
     if differences:
         raise InputError(
             f"--output {redact_url(output)} already holds latents encoded with other settings "
@@ -400,7 +539,7 @@ def encode_part(args: argparse.Namespace) -> int:
     check_arguments(args)
     rank, world = part_from_env(args)
     input_options = args.storage_options if args.input_storage_options is None else args.input_storage_options
-    source = open_source(args.input, input_options, args.shard_size)
+    source = open_source(args.input, input_options, args.shard_size, args.captions)
     fs, root = filesystem(args.output, args.storage_options)
     if not is_local(fs) and not fs.exists(root.split("/", 1)[0]):
         raise InputError(
@@ -409,15 +548,20 @@ def encode_part(args: argparse.Namespace) -> int:
         )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    # The text encoder runs in fp32 whatever --precision says (T5 overflows in fp16).
+    text_encoder = None
+    if args.text_encoder is not None:
+        text_encoder = TextEncoder.load(args.text_encoder, args.text_max_length, device)
     codec = load_codec(args.vae, args.vae_subfolder, device, precision)
     if args.resolution % codec.downsample:
         raise InputError(
             f"--resolution {args.resolution} must be a multiple of the VAE's downsampling factor {codec.downsample}"
         )
-    encoding = encoding_settings(args, source, codec, precision)
+    encoding = encoding_settings(args, source, codec, precision, text_encoder)
+    null_text = None if text_encoder is None else null_text_bytes(text_encoder)
 
     if args.finalize:
-        _, missing = finalize(fs, root, encoding, source.class_names)
+        _, missing = finalize(fs, root, encoding, source.class_names, null_text)
         if missing:
             raise InputError(
                 f"--finalize: {len(missing)} of {encoding['num_units']} units are not encoded yet "
@@ -450,15 +594,24 @@ def encode_part(args: argparse.Namespace) -> int:
         len(todo),
     )
 
-    stats = encode_units(args, source, codec, todo, fs, root, encoding)
+    stats = encode_units(args, source, codec, todo, fs, root, encoding, text_encoder)
 
-    manifest, missing = finalize(fs, root, encoding, source.class_names)
+    manifest, missing = finalize(fs, root, encoding, source.class_names, null_text)
     elapsed = time.perf_counter() - start
     reasons = Counter(s["reason"].split(":")[0] for s in stats["skipped"])
+    captions = ""
+    if text_encoder is not None:
+        counts, policy = stats["captions"], encoding["args"]["missing_captions"]
+        captions = (
+            f"; captions: {counts['total']} encoded (at most {counts['max_per_image']} per image), "
+            f"{counts['truncated']} truncated to {text_encoder.max_length} tokens, {counts['missing']} images "
+            f"without one ({'skipped' if policy == 'skip' else 'given the empty caption'})"
+        )
     print(
         f"encoded {stats['images']} images{' (+ flips)' if args.flip else ''} in {elapsed:.1f} s "
         f"({stats['images'] / max(elapsed, 1e-9):.1f} images/s); skipped {len(stats['skipped'])}"
         + (f" ({', '.join(f'{n} {r}' for r, n in reasons.most_common())})" if reasons else "")
+        + captions
         + f"; wrote {stats['shards']} shards ({stats['bytes'] / 2**20:.1f} MiB); "
         f"{len(my_units) - len(todo)} units were already done",
         file=sys.stderr,
@@ -480,13 +633,16 @@ def encode_part(args: argparse.Namespace) -> int:
     return 0
 
 
-def encode_units(args, source, codec: Codec, units: list[int], fs, root: str, encoding: dict) -> dict[str, Any]:
+def encode_units(
+    args, source, codec: Codec, units: list[int], fs, root: str, encoding: dict, text_encoder: TextEncoder | None = None
+) -> dict[str, Any]:
     """Decode in workers, encode batches here, write finished units in background threads."""
-    stats = {"images": 0, "shards": 0, "bytes": 0, "skipped": []}
+    stats = {"images": 0, "shards": 0, "bytes": 0, "skipped": [], "captions": text_counts()}
     if not units:
         return stats
+    missing_captions = None if text_encoder is None else encoding["args"]["missing_captions"]
     loader = DataLoader(
-        UnitImages(source, units, args.resolution, args.batch_size),
+        UnitImages(source, units, args.resolution, args.batch_size, missing_captions),
         batch_size=None,
         num_workers=min(args.num_workers, len(units)),
         collate_fn=_identity,
@@ -509,7 +665,17 @@ def encode_units(args, source, codec: Codec, units: list[int], fs, root: str, en
         tqdm(total=total, unit="img", desc="encode", dynamic_ncols=True, mininterval=progress_interval()) as progress,
     ):
         for batch in loader:
-            result = results.setdefault(batch.unit, UnitResult())
+            if batch.unit not in results:
+                results[batch.unit] = UnitResult(captions=None if text_encoder is None else text_counts())
+            result = results[batch.unit]
+            if text_encoder is not None:
+                members, truncated = text_members(text_encoder, batch.captions)
+                result.text.extend(members)
+                for counts in (result.captions, stats["captions"]):
+                    counts["total"] += sum(map(len, batch.captions))
+                    counts["max_per_image"] = max([counts["max_per_image"], *map(len, batch.captions)])
+                    counts["truncated"] += truncated
+                    counts["missing"] += batch.missing + sum(s["reason"] == "no caption" for s in batch.skipped)
             if len(batch.keys):
                 images = batch.images
                 if args.flip:

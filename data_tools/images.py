@@ -4,13 +4,20 @@ Work is split into units that every part of a split run computes identically: a 
 sorted files in chunks of --shard-size, or one input tar each. Units are read inside the
 process that decodes them (s3fs is not fork-safe), and decoded images are center-cropped and
 resized with ADM's recipe.
+
+Captions come from beside each image in a tar (`<key>.txt`, or `<key>.json` with "captions" or
+"caption"), or for a folder from a sidecar JSON-lines file (`read_captions`). Every caption is
+stripped of surrounding whitespace, and empty ones are dropped: an image whose captions are all
+empty has none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import posixpath
 import tarfile
 import warnings
 from collections.abc import Iterator, Mapping
@@ -43,7 +50,7 @@ class RawItem:
     source: str  # where it came from, for messages and the manifest's skip list
     label: int | None
     data: bytes | None = None  # None: could not be read (see reason)
-    caption: str | None = None
+    captions: list[str] = field(default_factory=list)  # [] when the input has none
     reason: str | None = None
 
 
@@ -83,6 +90,9 @@ class FolderSource(ImageSource):
     root: str = ""  # the folder's path inside its filesystem
     files: list[str] = field(default_factory=list)  # relative paths, sorted
     shard_size: int = 1000
+    captions: dict[str, list[str]] = field(default_factory=dict)  # relative path -> captions (read_captions)
+    captions_url: str | None = None  # the captions file as an absolute URL; None without one
+    captions_sha256: str | None = None  # of the captions file
 
     @classmethod
     def open(cls, url: str, storage_options: Mapping[str, Any], shard_size: int) -> FolderSource:
@@ -122,7 +132,7 @@ class FolderSource(ImageSource):
         labels = {name: i for i, name in enumerate(self.class_names or [])}
         for relative in self.files[unit * self.shard_size : (unit + 1) * self.shard_size]:
             label = labels[relative.split("/", 1)[0]] if self.class_names else None
-            item = RawItem(_key_for(relative), relative, label)
+            item = RawItem(_key_for(relative), relative, label, captions=list(self.captions.get(relative, ())))
             try:
                 item.data = retry(lambda r=relative: fs.cat_file(join(self.root, r)), what=f"reading {relative}")
             except PERMANENT_ERRORS as e:
@@ -196,21 +206,94 @@ class TarSource(ImageSource):
                 item.label = int(parts["cls"].decode().strip())
             except ValueError:
                 item.reason = f"bad cls label {parts['cls'][:20]!r}"
-        if "txt" in parts:
-            item.caption = parts["txt"].decode("utf-8", "replace")
-        elif "json" in parts:
-            try:
-                item.caption = json.loads(parts["json"]).get("caption")
-            except (ValueError, AttributeError):
-                pass
+        item.captions = _tar_captions(parts)
         return item
 
 
-def open_source(url: str, storage_options: Mapping[str, Any], shard_size: int) -> FolderSource | TarSource:
-    """A tar-shard source when the URL names .tar files (brace patterns allowed), else an image folder."""
+def _tar_captions(parts: dict[str, bytes]) -> list[str]:
+    """An img2dataset item's captions: json "captions" (a list), else txt, else json "caption"; a json
+    member that is not an object of strings gives none."""
+    data: Any = None
+    if "json" in parts:
+        try:
+            data = json.loads(parts["json"])
+        except (ValueError, UnicodeDecodeError):
+            data = None
+    if isinstance(data, dict) and isinstance(data.get("captions"), list):
+        return _clean([c for c in data["captions"] if isinstance(c, str)])
+    if "txt" in parts:
+        return _clean([parts["txt"].decode("utf-8", "replace")])
+    if isinstance(data, dict) and isinstance(data.get("caption"), str):
+        return _clean([data["caption"]])
+    return []
+
+
+def _clean(captions: list[str]) -> list[str]:
+    return [c.strip() for c in captions if c.strip()]
+
+
+def read_captions(url: str, storage_options: Mapping[str, Any], files: list[str]) -> tuple[dict[str, list[str]], str]:
+    """The sidecar captions of an image folder, and the file's sha256.
+
+    One JSON object a line: {"file": "<path relative to the folder>", "caption": "..."} or
+    {"file": ..., "captions": ["...", ...]}; other keys are ignored, blank lines skipped, and an image
+    named on several lines gets their captions in line order. Any malformed line, or a file that is
+    not an image of the folder, is an InputError naming the captions file and the line."""
+    where = redact_url(url)
+    fs, path = filesystem(url, storage_options)
+    try:
+        data = retry(lambda: fs.cat_file(path), what=f"reading {where}")
+    except FileNotFoundError:
+        raise InputError(f"--captions {where}: no such file") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise InputError(f"--captions {where}: cannot be read ({type(e).__name__})") from None
+    known = set(files)
+    captions: dict[str, list[str]] = {}
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+
+        def bad(problem: str, number: int = number) -> InputError:
+            return InputError(f"--captions {where} line {number}: {problem}")
+
+        try:
+            entry = json.loads(line)
+        except UnicodeDecodeError:
+            raise bad("not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise bad(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise bad('expected a JSON object with a "file" string')
+        if ("caption" in entry) == ("captions" in entry):
+            raise bad('give exactly one of "caption" (a string) and "captions" (a list of strings)')
+        texts = [entry["caption"]] if "caption" in entry else entry["captions"]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise bad('"caption" must be a string, "captions" a non-empty list of strings')
+        relative = posixpath.normpath(entry["file"])
+        if relative not in known:
+            raise bad(f"{entry['file']!r} is not an image of the input folder")
+        captions.setdefault(relative, []).extend(_clean(texts))
+    return captions, hashlib.sha256(data).hexdigest()
+
+
+def open_source(
+    url: str, storage_options: Mapping[str, Any], shard_size: int, captions: str | None = None
+) -> FolderSource | TarSource:
+    """A tar-shard source when the URL names .tar files (brace patterns allowed), else an image folder;
+    `captions`: a folder's sidecar captions file (read_captions), on the same storage."""
     if url.rstrip("/").endswith(".tar") or ".tar}" in url:
+        if captions is not None:
+            raise InputError(
+                "--captions applies to image folders; tar inputs carry their captions beside each image "
+                "(<key>.txt, or <key>.json with a caption or captions field)"
+            )
         return TarSource.open(url, storage_options)
-    return FolderSource.open(url, storage_options, shard_size)
+    source = FolderSource.open(url, storage_options, shard_size)
+    if captions is not None:
+        source.captions, source.captions_sha256 = read_captions(captions, storage_options, source.files)
+        fs, path = filesystem(captions, storage_options)
+        source.captions_url = fs.unstrip_protocol(path)
+    return source
 
 
 def _key_for(relative_path: str) -> str:

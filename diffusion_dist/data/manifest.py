@@ -2,16 +2,20 @@
 
 A dataset is a URL prefix holding manifest.json and tar shards (docs/contracts.md, "Dataset";
 shards.py writes and reads the samples). The manifest lists every shard with its sample count, byte size
-and sha256, the codec with its scaling, the latent shape and layout, and the labels.
+and sha256, the codec with its scaling, the latent shape and layout, the labels, and for captioned data
+the text encoder and the file holding its encoding of the empty caption (`load_null_text`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .storage import filesystem, join, read_bytes, redact_url
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "diffusion-dist-latents"
 FORMAT_VERSION = 1
@@ -66,7 +70,48 @@ def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
             raise DatasetError(f"{where}: shard entry {i} has a bad sample count or byte size")
     if sum(s["samples"] for s in manifest["shards"]) != manifest["num_samples"]:
         raise DatasetError(f"{where}: num_samples does not equal the sum of shard sample counts")
+    if "text" in manifest:
+        validate_text(manifest["text"], where)
     return manifest
+
+
+def _count(value: Any, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def validate_text(text: Any, where: str) -> None:
+    """Check the optional `text` record (captioned data); raise DatasetError naming the field at fault."""
+
+    def bad(field: str) -> DatasetError:
+        return DatasetError(f"{where}: manifest field text.{field} is missing or of the wrong type")
+
+    if not isinstance(text, dict):
+        raise DatasetError(f"{where}: manifest field text is not an object")
+    encoder, captions = text.get("encoder"), text.get("captions")
+    if not isinstance(encoder, dict):
+        raise bad("encoder")
+    for key, ok in (
+        ("name", lambda v: isinstance(v, str)),
+        ("class", lambda v: isinstance(v, str)),
+        ("max_length", lambda v: _count(v, 1)),
+        ("hidden_size", lambda v: _count(v, 1)),
+        ("pooled_size", lambda v: v is None or _count(v, 1)),
+        ("sha256", lambda v: isinstance(v, str)),
+    ):
+        if key not in encoder or not ok(encoder[key]):
+            raise bad(f"encoder.{key}")
+    if not isinstance(text.get("null"), str) or not text["null"]:
+        raise bad("null")
+    if not isinstance(captions, dict):
+        raise bad("captions")
+    for key in ("max_per_image", "total", "truncated"):
+        if not _count(captions.get(key)):
+            raise bad(f"captions.{key}")
+    missing = captions.get("missing")
+    if not isinstance(missing, dict) or missing.get("policy") not in ("skip", "empty"):
+        raise bad("captions.missing.policy")
+    if not _count(missing.get("count")):
+        raise bad("captions.missing.count")
 
 
 def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -86,3 +131,38 @@ def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) ->
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{where}: {MANIFEST} is not valid JSON ({e})") from None
     return validate_manifest(manifest, where)
+
+
+def load_null_text(
+    url: str, storage_options: Mapping[str, Any] | None = None, manifest: Mapping[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """The dataset's encoded empty caption (the unconditional input of classifier-free guidance):
+    {"embedding": (L, D) float32, "mask": (L,) bool, "pooled": (P,) float32 when the encoder has one}.
+
+    `manifest`: the dataset's, if already loaded. DatasetError when the dataset has no text or the file
+    does not match the manifest's encoder."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    where = redact_url(url)
+    manifest = load_manifest(url, storage_options) if manifest is None else manifest
+    if "text" not in manifest:
+        raise DatasetError(f"{where}: the dataset has no captions (no text record in its {MANIFEST})")
+    encoder = manifest["text"]["encoder"]
+    fs, root = filesystem(url, storage_options)
+    name = manifest["text"]["null"]
+    try:
+        tensors = load(read_bytes(fs, join(root, name)))
+    except FileNotFoundError:
+        raise DatasetError(f"{where}: {name} is missing; re-run encode_latents to finish the dataset") from None
+    except SafetensorError as e:
+        raise DatasetError(f"{where}: {name} is not a readable safetensors file ({e})") from None
+    expected = {"embedding": (encoder["max_length"], encoder["hidden_size"]), "mask": (encoder["max_length"],)}
+    if encoder["pooled_size"] is not None:
+        expected["pooled"] = (encoder["pooled_size"],)
+    found = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+    if found != expected:
+        raise DatasetError(f"{where}: {name} holds {found}, the manifest's text encoder gives {expected}")
+    null = {key: tensor.float() for key, tensor in tensors.items()}
+    null["mask"] = tensors["mask"].bool()
+    return null
