@@ -26,6 +26,7 @@ from diffusion_dist.data.stream import (
     STREAM_POSTERIOR,
     LatentLoader,
     ShardReader,
+    caption_choices,
     chunk_sizes,
     epoch_plan,
     flip_bits,
@@ -36,7 +37,7 @@ from diffusion_dist.data.stream import (
 from diffusion_dist.diffusion import GaussianDiffusion
 from diffusion_dist.objectives import DiffusionObjective
 from tests.conftest import ROOT
-from tests.latent_data import write_dataset
+from tests.latent_data import NULL_TEXT, captions_of, null_text, text_rows, write_dataset
 
 UNEVEN = [37, 5, 61, 12, 29, 3, 44, 18, 50, 7, 23, 31, 2, 40]  # 362 samples in 14 shards
 OBJECTIVE = DiffusionObjective(GaussianDiffusion.from_schedule("linear", 50), 5, p_uncond=0.3)
@@ -98,6 +99,8 @@ def global_steps(ranks: list[LatentLoader], steps: int) -> list[dict]:
                 "positions": torch.cat([b.positions for b in batches]),
                 "latents": torch.cat([b.latents for b in batches]),
                 "draws": {name: torch.cat([b.draws[name] for b in batches]) for name in batches[0].draws},
+                "text": {name: torch.cat([b.text[name] for b in batches]) for name in batches[0].text},
+                "captions": [c for b in batches for c in b.captions],
             }
         )
     return out
@@ -112,6 +115,8 @@ def assert_same_steps(got: list[dict], expected: list[dict]) -> None:
         assert a["draws"].keys() == b["draws"].keys() and all(
             torch.equal(a["draws"][k], b["draws"][k]) for k in a["draws"]
         )
+        assert a["text"].keys() == b["text"].keys() and all(torch.equal(a["text"][k], b["text"][k]) for k in a["text"])
+        assert a["captions"] == b["captions"]
 
 
 def test_epoch_plan_deals_every_shard_once_and_balances_lanes():
@@ -146,9 +151,11 @@ def uneven(tmp_path):
     return tmp_path
 
 
-def four_lanes(url) -> dict:
+def four_lanes(url, **kwargs) -> dict:
     """The state of a run first started on 2 ranks × 2 workers: 4 lanes, global batch 12, micro batch 2."""
-    return loader(url, world_size=2, num_workers=2, batch_size=2, global_batch=12, draws=OBJECTIVE.draw).state_dict()
+    return loader(
+        url, world_size=2, num_workers=2, batch_size=2, global_batch=12, draws=OBJECTIVE.draw, **kwargs
+    ).state_dict()
 
 
 def ranks_of(url, world_size, num_workers, state, **kwargs) -> list[LatentLoader]:
@@ -497,6 +504,151 @@ def test_the_encoder_output_streams(tmp_path):
     assert set(labels.tolist()) <= set(range(10)) and len(set(labels.tolist())) > 5
 
 
+# Text: captions' encoder outputs, one caption per sample and epoch, null-text dropout at load time.
+
+TEXT = (6, 8, 4)  # L tokens, D hidden, P pooled
+
+
+@pytest.fixture
+def captioned(tmp_path):
+    write_dataset(str(tmp_path), UNEVEN, text=TEXT)  # K = 1, 2 or 3 captions a sample
+    return tmp_path
+
+
+def check_text(batch, pooled: int | None = TEXT[2]) -> None:
+    """Each sample's text is its chosen caption's rows (from caption_choices at its global index), or the
+    null text exactly where its draws["drop"] is set; captions in the order of the keys."""
+    length, hidden = TEXT[:2]
+    n = len(batch.keys)
+    assert batch.text["embedding"].shape == (n, length, hidden) and batch.text["embedding"].dtype == torch.bfloat16
+    assert batch.text["mask"].shape == (n, length) and batch.text["mask"].dtype == torch.bool
+    if pooled is None:
+        assert "pooled" not in batch.text
+    else:
+        assert batch.text["pooled"].shape == (n, pooled) and batch.text["pooled"].dtype == torch.bfloat16
+    null = null_text(length, hidden, pooled)
+    for i, key in enumerate(batch.keys):
+        shard, index = int(key[1:4]), int(key[5:])
+        captions = captions_of(shard, index, 3)
+        choice = int(caption_choices(7, batch.epoch, batch.positions[i : i + 1].numpy(), [len(captions)])[0])
+        assert batch.captions[i] == captions[choice]
+        expected = null if batch.draws["drop"][i] else text_rows(shard, index, choice, length, hidden, pooled)
+        for name, value in expected.items():
+            assert torch.equal(batch.text[name][i], value.to(batch.text[name].dtype)), (key, name)
+
+
+@pytest.mark.parametrize("pooled", [4, None])
+def test_text_batches_carry_each_samples_chosen_caption_or_the_null_text(tmp_path, pooled):
+    write_dataset(str(tmp_path), UNEVEN, text=(*TEXT[:2], pooled))
+    source = loader(tmp_path, num_workers=2, batch_size=8, draws=OBJECTIVE.draw, text=True)
+    assert source.null_text.keys() == null_text(*TEXT[:2], pooled).keys()
+    with deadline(120):
+        batches = list(itertools.islice(source, 10))
+    for batch in batches:
+        check_text(batch, pooled)
+    drop = torch.cat([b.draws["drop"] for b in batches])
+    assert 0 < drop.sum() < len(drop)  # both kinds were checked
+    chosen = {c.rsplit(" ", 1)[1] for b in batches for c in b.captions}
+    assert chosen == {"0", "1", "2"}
+
+
+def test_captions_and_text_are_the_same_on_any_number_of_ranks_and_workers(captioned):
+    state = four_lanes(captioned, text=True)
+    steps = ranks_of(captioned, 1, 0, state, text=True)[0].steps_per_epoch(0) + 3  # into the next epoch
+    expected = global_steps(ranks_of(captioned, 1, 0, state, text=True), steps)
+    for world_size, num_workers in [(2, 2), (3, 1)]:
+        assert_same_steps(global_steps(ranks_of(captioned, world_size, num_workers, state, text=True), steps), expected)
+    assert expected[0]["text"]["embedding"].shape == (12, *TEXT[:2])
+
+
+def test_a_resumed_run_continues_the_same_text(captioned):
+    """2 ranks × 2 workers → killed mid-epoch → 1 rank → killed → 3 ranks × 1 worker, into the next epoch."""
+    state = four_lanes(captioned, text=True)
+    total = ranks_of(captioned, 1, 0, state, text=True)[0].steps_per_epoch(0) + 2
+    expected = global_steps(ranks_of(captioned, 2, 2, state, text=True), total)
+    got = []
+    for (world_size, num_workers), steps in zip([(2, 2), (1, 0), (3, 1)], [7, 9, total - 16], strict=True):
+        ranks = ranks_of(captioned, world_size, num_workers, state, text=True)
+        got += global_steps(ranks, steps)
+        state = ranks[0].state_dict()
+    assert_same_steps(got, expected)
+
+
+def test_the_caption_choice_changes_by_epoch_and_covers_every_caption(tmp_path):
+    write_dataset(str(tmp_path), [6, 6], text=TEXT)  # one lane, 3 steps of 4: every sample once an epoch
+    source = loader(tmp_path, batch_size=4, text=True)
+    taken: dict[str, list[str]] = {}
+    with deadline(120):
+        for batch in itertools.islice(source, 3 * 24):
+            for key, caption in zip(batch.keys, batch.captions, strict=True):
+                taken.setdefault(key, []).append(caption)
+    assert len(taken) == 12 and all(len(c) == 24 for c in taken.values())
+    for key, captions in taken.items():
+        shard, index = int(key[1:4]), int(key[5:])
+        assert set(captions) == set(captions_of(shard, index, 3))  # all K of them over 24 epochs
+    # A pure function of (seed, epoch, index): the same again; another seed, other choices.
+    again = [b.captions for b in itertools.islice(loader(tmp_path, batch_size=4, text=True), 9)]
+    assert again == [b.captions for b in itertools.islice(loader(tmp_path, batch_size=4, text=True), 9)]
+    assert again != [b.captions for b in itertools.islice(loader(tmp_path, batch_size=4, text=True, seed=8), 9)]
+    # Uniform over K.
+    counts = np.bincount(caption_choices(7, 0, np.arange(30_000), [3] * 30_000), minlength=3)
+    assert np.all(np.abs(counts - 10_000) < 4 * math.sqrt(30_000 * 2 / 9))
+
+
+def test_a_loader_without_text_does_not_decode_the_text_members(captioned, monkeypatch):
+    with_text = next(iter(loader(captioned, batch_size=8, draws=OBJECTIVE.draw, text=True)))
+
+    def not_called(*args):
+        raise AssertionError("text members decoded by a loader without text")
+
+    monkeypatch.setattr(stream_module, "_npy_layout", not_called)
+    monkeypatch.setattr(stream_module, "_fill_text", not_called)
+    source = loader(captioned, num_workers=0, batch_size=8, draws=OBJECTIVE.draw)
+    batch = next(iter(source))
+    assert batch.text == {} and batch.captions == [] and source.null_text is None
+    assert batch.keys == with_text.keys and torch.equal(batch.latents, with_text.latents)
+    assert all(torch.equal(batch.draws[k], with_text.draws[k]) for k in batch.draws)
+
+
+def test_text_without_a_text_record_is_a_clear_error(tmp_path):
+    write_dataset(str(tmp_path / "plain"), [20, 20])
+    with pytest.raises(DatasetError, match=r"data.url=.*plain has no text embeddings .*re-encode this one"):
+        loader(tmp_path / "plain", text=True)
+    manifest = write_dataset(str(tmp_path / "data"), [20, 20], text=TEXT)
+    manifest["text"]["encoder"]["hidden_size"] = None
+    (tmp_path / "data" / "manifest.json").write_bytes(manifest_bytes(manifest))
+    with pytest.raises(DatasetError, match="text.encoder.hidden_size is missing"):
+        loader(tmp_path / "data", text=True)
+    manifest["text"]["encoder"]["hidden_size"] = 16
+    (tmp_path / "data" / "manifest.json").write_bytes(manifest_bytes(manifest))
+    with pytest.raises(DatasetError, match=r"null_text.safetensors tensor 'embedding' is torch.bfloat16 \[6, 8\]"):
+        loader(tmp_path / "data", text=True)
+    (tmp_path / "data" / NULL_TEXT).unlink()
+    with pytest.raises(DatasetError, match="names null_text.safetensors, which is missing"):
+        loader(tmp_path / "data", text=True)
+
+
+def test_a_shard_with_other_text_is_skipped_or_fails_in_strict_mode(tmp_path, caplog):
+    manifest = write_dataset(str(tmp_path / "data"), [30, 30, 30], text=TEXT)
+    wrong = write_dataset(str(tmp_path / "wrong"), [30, 30], text=(6, 16, 4))["shards"][1]
+    (tmp_path / "data" / wrong["name"]).write_bytes((tmp_path / "wrong" / wrong["name"]).read_bytes())
+    manifest["shards"][1] = wrong
+    (tmp_path / "data" / "manifest.json").write_bytes(manifest_bytes(manifest))
+
+    source = loader(tmp_path / "data", batch_size=4, shuffle_shards=1, text=True)
+    keys = [k for batch in take(source, source.batches_per_epoch(0)) for k in batch]
+    assert keys and not [k for k in keys if k.startswith("s001/")] and source.skipped_shards == 1
+    assert "s001/0000.text.npy holds uint16 [2, 6, 16], the manifest's text encoder gives uint16 [K ≥ 1, 6, 8]" in (
+        caplog.text
+    )
+    with pytest.raises(DatasetError, match=r"000001-000\.tar cannot be read: s001/0000.text.npy holds"):
+        take(loader(tmp_path / "data", batch_size=4, shuffle_shards=1, strict=True, text=True), 30)
+    # Without text the same shard is fine: its latents are right.
+    plain = loader(tmp_path / "data", batch_size=4, shuffle_shards=1)
+    take(plain, plain.batches_per_epoch(0))
+    assert plain.skipped_shards == 0
+
+
 # Object storage: a moto S3 server on loopback.
 
 
@@ -552,6 +704,18 @@ def test_s3_strict_mode_fails_naming_the_shard(s3, num_workers):
     with deadline(60), pytest.raises(DatasetError, match=r"shard s3://.*/data/000001-000\.tar cannot be read"):
         for _ in source:
             pass
+
+
+def test_s3_text_streams_with_its_null_text(s3):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.endpoint})
+    write_dataset(f"{s3.bucket}/data", [20, 20, 20], fs=fs, text=TEXT)
+    source = loader(s3.url("data"), num_workers=2, draws=OBJECTIVE.draw, storage_options=s3.storage_options, text=True)
+    assert torch.equal(source.null_text["pooled"], null_text(*TEXT)["pooled"])
+    with deadline(60):
+        for batch in itertools.islice(source, 6):
+            check_text(batch)
 
 
 def test_workers_forked_after_s3fs_was_used_do_not_hang(s3):

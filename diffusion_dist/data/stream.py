@@ -35,6 +35,19 @@ count, a constant global batch.
    (`sample_seeds`, one stream each). Latents are then scaled with the manifest's
    (z − shift)·scaling. The CPU generator (mt19937) keeps 32 bits of its seed: two samples
    share draws with probability 2⁻³², which biases nothing.
+6. Text (`text=True`; the dataset's manifest has a "text" record). Each sample stores K ≥ 1
+   captions' encoder outputs, `text.npy` (K, L, D) bfloat16 bits as uint16, `text_mask.npy`
+   (K, L), `text_pooled.npy` (K, P) when the encoder pools, and `captions.json`. Per epoch a
+   sample takes caption `caption_choices` = its `sample_seeds(seed, epoch, index, 3)` mod K, so
+   the choice follows the global index like every other draw (any world size or worker count)
+   and changes from epoch to epoch. Where the objective's null-token dropout `draws["drop"]`
+   is set, the embedding, mask and pooled vector are the dataset's null text (the encoded empty
+   string, `null_text.safetensors`, read once before the workers start) instead: the same draw
+   also replaces the class label by ∅ in the loss, so a dropped sample is unconditional in both
+   (Ho & Salimans 2022, Algorithm 1). `captions` keeps the chosen caption even where dropped;
+   `draws["drop"]` says which were. Without "drop" (no draw function, the classifier) nothing is
+   dropped. The chosen rows are copied once from the shard's bytes into the piece's shared
+   buffer and read as bfloat16 by a view; with `text=False` the text members are not decoded.
 
 State. The loader's state is the global cursor (epoch, step in the epoch) with what the order
 depends on (L, B, seed, shuffle_shards, a hash of the shard list): the same on every rank, so
@@ -45,19 +58,19 @@ step's first micro batch. A different B, seed, shard list or shuffle_shards is r
 DatasetError that says what changed; `allow_batch_change=True` accepts a new B and starts the
 next epoch, skipping the rest of the current one.
 
-Failures. A missing or corrupt shard, or one whose latents differ from the manifest's shape or
-dtype, is skipped with a warning and counted in `skipped_shards` (strict: a DatasetError naming
-it) and not read again in that epoch (`skipped_shards` counts this process's skips and is not in
-the state: a rank only sees the shards of its own lanes); a lane that runs short fills its chunks from a second pass
-over its own shards, so step counts stay equal on every rank and nothing hangs. A transient
-storage error is retried with jittered exponential backoff for up to `read_timeout` seconds;
-a shard that still fails is skipped for that group only. The retries give up at once when the
-loader's `stop()` turns true (the trainer passes its preemption flag): the rank then finishes
-its step with what it has and reaches the step boundary where it saves (in strict mode the
-shard given up on is a DatasetError, like any unreadable one). Known limit: after a shard of an
-already consumed group of the current epoch was skipped, a mid-epoch resume places that lane
-by the manifest's counts, so it may repeat or leave out up to that shard's samples until the
-epoch ends.
+Failures. A missing or corrupt shard, or one whose latents (with text: text members) differ from
+the manifest's shapes or dtypes, is skipped with a warning and counted in `skipped_shards`
+(strict: a DatasetError naming it) and not read again in that epoch (`skipped_shards` counts
+this process's skips and is not in the state: a rank only sees the shards of its own lanes); a
+lane that runs short fills its chunks from a second pass over its own shards, so step counts
+stay equal on every rank and nothing hangs. A transient storage error is retried with jittered
+exponential backoff for up to `read_timeout` seconds; a shard that still fails is skipped for
+that group only. The retries give up at once when the loader's `stop()` turns true (the trainer
+passes its preemption flag): the rank then finishes its step with what it has and reaches the
+step boundary where it saves (in strict mode the shard given up on is a DatasetError, like any
+unreadable one). Known limit: after a shard of an already consumed group of the current epoch
+was skipped, a mid-epoch resume places that lane by the manifest's counts, so it may repeat or
+leave out up to that shard's samples until the epoch ends.
 """
 
 from __future__ import annotations
@@ -65,7 +78,9 @@ from __future__ import annotations
 import atexit
 import hashlib
 import heapq
+import io
 import itertools
+import json
 import logging
 import math
 import multiprocessing
@@ -81,11 +96,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .manifest import DatasetError, load_manifest
 from .shards import CorruptShard, NpyReader, decode_npy, encode_npy, shard_problems
-from .storage import PERMANENT_ERRORS, TRANSIENT_ERRORS, filesystem, join, redact_text, redact_url
+from .storage import PERMANENT_ERRORS, TRANSIENT_ERRORS, filesystem, join, read_bytes, redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +109,9 @@ log = logging.getLogger(__name__)
 READ_TIMEOUT_S = 600.0
 RETRY_BASE_S, RETRY_MAX_S = 0.5, 30.0
 
-# The per-sample generator streams (sample_seeds): the VAE posterior's ε, the objective's draws, the flip bit.
-STREAM_POSTERIOR, STREAM_OBJECTIVE, STREAM_FLIP = 0, 1, 2
+# The per-sample generator streams (sample_seeds): the VAE posterior's ε, the objective's draws, the flip bit,
+# the caption choice.
+STREAM_POSTERIOR, STREAM_OBJECTIVE, STREAM_FLIP, STREAM_CAPTION = 0, 1, 2, 3
 
 # (generator, latent shape (C, H, W)) -> one sample's draws for the objective's loss.
 DrawFn = Callable[[torch.Generator, tuple[int, ...]], dict[str, torch.Tensor]]
@@ -107,6 +124,10 @@ class LatentBatch(NamedTuple):
     epoch: int
     draws: dict[str, torch.Tensor]  # the objective's draws, each (N, ...); {} without a draw function
     positions: torch.Tensor  # (N,) int64: each sample's global index in the epoch, step · B + position
+    # With text: "embedding" (N, L, D) bfloat16, "mask" (N, L) bool, "pooled" (N, P) bfloat16 when the
+    # encoder pools; the null text where draws["drop"] is set. {} without text.
+    text: dict[str, torch.Tensor]
+    captions: list[str]  # the caption each sample took this epoch (also where dropped); [] without text
 
 
 def epoch_plan(shard_samples: tuple[int, ...], num_lanes: int, seed: int, epoch: int) -> list[list[int]]:
@@ -176,6 +197,16 @@ def flip_bits(seed: int, epoch: int, indices: np.ndarray | list[int]) -> np.ndar
     return (sample_seeds(seed, epoch, indices, STREAM_FLIP) >> np.uint64(40)) & np.uint64(1) == 1
 
 
+def caption_choices(
+    seed: int, epoch: int, indices: np.ndarray | list[int], counts: np.ndarray | list[int]
+) -> np.ndarray:
+    """Which of its counts[i] captions the sample at indices[i] takes: uniform per (seed, epoch, index).
+
+    The modulo's bias is below K / 2⁶³.
+    """
+    return (sample_seeds(seed, epoch, indices, STREAM_CAPTION) % np.asarray(counts, dtype=np.uint64)).astype(np.int64)
+
+
 def _arena(fields: dict[str, tuple[tuple[int, ...], torch.dtype]], shared: bool) -> dict[str, torch.Tensor]:
     """Empty tensors of these shapes and dtypes, carved out of one buffer: in a worker one shared-memory
     segment for the whole piece (the DataLoader then passes one handle, not one segment per tensor)."""
@@ -193,6 +224,83 @@ def _arena(fields: dict[str, tuple[tuple[int, ...], torch.dtype]], shared: bool)
     }
 
 
+class TextInfo(NamedTuple):
+    """A dataset's text record as the loader reads it: the manifest's shapes and the null text."""
+
+    max_length: int  # L, tokens per caption
+    hidden_size: int  # D
+    pooled_size: int | None  # P, or None when the encoder has no pooled vector
+    members: tuple[str, ...]  # the .npy members every sample must have
+    null_embedding: np.ndarray  # (L, D) uint16: bfloat16 bits of the encoded empty string
+    null_mask: np.ndarray  # (L,) bool
+    null_pooled: np.ndarray | None  # (P,) uint16 bfloat16 bits, or None
+
+
+class _TextRecord(NamedTuple):
+    """One sample's text members as checked by ShardReader: where the rows start, the member dtypes."""
+
+    count: int  # K captions
+    offsets: tuple[int, ...]  # byte offset of row 0 in each of TextInfo.members
+    dtypes: tuple[np.dtype, ...]
+    captions: list[str]
+
+
+# The text members a sample holds, in TextInfo.members order, with the row dtypes they may have.
+TEXT_MEMBERS = {"text.npy": ("u", 2), "text_mask.npy": ("ub", 1), "text_pooled.npy": ("u", 2)}
+CAPTIONS = "captions.json"
+
+
+def _bf16(bits: np.ndarray) -> torch.Tensor:
+    """bfloat16 tensor over uint16 bit patterns, without a copy."""
+    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+
+
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    """uint16 bit patterns of a bfloat16 tensor, without a copy."""
+    return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+@lru_cache(maxsize=256)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """(dtype, shape, fortran_order) of a .npy header: parsed once per distinct header."""
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(stream)
+    return dtype, shape, fortran
+
+
+def _npy_layout(data: memoryview, name: str) -> tuple[int, np.dtype, tuple[int, ...]]:
+    """(offset of the data, dtype, shape) of a C-order .npy member, checked against its length."""
+    if len(data) < 10 or bytes(data[:6]) != b"\x93NUMPY":
+        raise CorruptShard(f"{name} is not a .npy")
+    start = 10 if data[6] == 1 else 12
+    size = int.from_bytes(bytes(data[8:start]), "little")
+    try:
+        dtype, shape, fortran = _npy_header(bytes(data[: start + size]))
+    except ValueError as e:
+        raise CorruptShard(f"{name} is not a readable .npy: {e}") from None
+    if fortran and len(shape) > 1:
+        raise CorruptShard(f"{name} is in Fortran order")
+    if len(data) != start + size + math.prod(shape) * dtype.itemsize:
+        raise CorruptShard(f"{name}: {len(data)} bytes do not match its header {dtype} {list(shape)}")
+    return start + size, dtype, shape
+
+
+def load_null_text(url: str, storage_options: Mapping[str, Any] | None, name: str) -> dict[str, torch.Tensor]:
+    """The dataset's null text (the encoded empty string) from `name` at its root, in one GET:
+    "embedding" (L, D) bfloat16, "mask" (L,), "pooled" (P,) bfloat16 when the encoder pools."""
+    # TODO(issue 18): use diffusion_dist.data.manifest.load_null_text once the text tools land (same result).
+    fs, root = filesystem(url, storage_options)
+    try:
+        return load_safetensors(read_bytes(fs, join(root, name)))
+    except FileNotFoundError:
+        raise DatasetError(
+            f"{redact_url(url)}: the manifest's text record names {name}, which is missing; "
+            "re-encode the dataset's captions (data_tools.encode_latents)"
+        ) from None
+
+
 class DatasetInfo(NamedTuple):
     """What a reader needs from the manifest, small enough to pickle into workers."""
 
@@ -208,6 +316,7 @@ class DatasetInfo(NamedTuple):
     labelled: bool
     scaling_factor: float
     shift_factor: float
+    text: TextInfo | None = None  # None: the loader does not read text (the dataset may hold some)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -234,6 +343,8 @@ class _Piece(NamedTuple):
     keys: list[str]
     draws: dict[str, torch.Tensor]
     skipped: list[str]  # shards skipped in groups read since the last piece
+    text: dict[str, torch.Tensor]  # as LatentBatch.text
+    captions: list[str]
 
 
 class ShardReader:
@@ -245,7 +356,8 @@ class ShardReader:
         self.info, self.strict, self.read_timeout, self.closing = info, strict, read_timeout, closing
         self.stopping = stopping  # a multiprocessing.Event the main process sets when stop() turns true
         self.fs, self.root = filesystem(info.url, info.storage_options)  # created in this process
-        self.required = ("latent.npy", "latent_flip.npy") if info.flip else ("latent.npy",)
+        self.latents = ("latent.npy", "latent_flip.npy") if info.flip else ("latent.npy",)
+        self.required = (*self.latents, *info.text.members, CAPTIONS) if info.text is not None else self.latents
         zeros = np.zeros(info.stored_shape, dtype=info.dtype)
         self.member_bytes = len(encode_npy(zeros))  # what every latent member should be: this header, then data
         self.header = encode_npy(zeros)[: self.member_bytes - zeros.nbytes]
@@ -288,11 +400,45 @@ class ShardReader:
         if problems:
             raise CorruptShard(problems[0])
         for sample in samples:
-            for member in self.required:
+            for member in self.latents:
                 data = sample[member]
                 if len(data) != self.member_bytes or data[: len(self.header)] != self.header:
                     self._check_latent(sample["__key__"], member, data)
+            if self.info.text is not None:
+                sample["__text__"] = self._check_text(sample)
         return samples
+
+    def _check_text(self, sample: dict[str, Any]) -> _TextRecord:
+        """Where a sample's caption rows lie, once its text members are checked against the manifest:
+        (K, L, D), (K, L) and (K, P) of one K ≥ 1, the row dtypes, and K caption strings."""
+        text, key = self.info.text, sample["__key__"]
+        rows = {
+            "text.npy": (text.max_length, text.hidden_size),
+            "text_mask.npy": (text.max_length,),
+            "text_pooled.npy": (text.pooled_size,),
+        }
+        count, offsets, dtypes = None, [], []
+        for member in text.members:
+            offset, dtype, shape = _npy_layout(sample[member], f"{key}.{member}")
+            kinds, itemsize = TEXT_MEMBERS[member]
+            if count is None:  # text.npy, the first
+                count = shape[0] if shape else 0
+            expected = (count, *rows[member])
+            if shape != expected or not count or dtype.kind not in kinds or dtype.itemsize != itemsize:
+                raise CorruptShard(
+                    f"{key}.{member} holds {dtype} {list(shape)}, the manifest's text encoder gives "
+                    f"{'uint16' if itemsize == 2 else 'uint8'} [K ≥ 1, {', '.join(map(str, expected[1:]))}]"
+                    + (f" with K = {count} (from {key}.text.npy)" if member != "text.npy" else "")
+                )
+            offsets.append(offset)
+            dtypes.append(dtype)
+        try:
+            captions = json.loads(bytes(sample[CAPTIONS]))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptShard(f"{key}.{CAPTIONS} is not valid JSON: {e}") from None
+        if not (isinstance(captions, list) and len(captions) == count and all(isinstance(c, str) for c in captions)):
+            raise CorruptShard(f"{key}.{CAPTIONS} is not a list of {count} strings (one per row of {key}.text.npy)")
+        return _TextRecord(count, tuple(offsets), tuple(dtypes), captions)
 
     def _check_latent(self, key: str, member: str, data: memoryview) -> None:
         """Headers differ (another writer); fail unless shape and dtype are the manifest's."""
@@ -441,7 +587,7 @@ class LaneStream:
     def _piece(self, epoch: int, step: int, samples: list[dict[str, Any]], positions: list[int]) -> _Piece:
         skipped, self.skipped = self.skipped, []
         if not samples:
-            return _Piece(epoch, step, self.rank_start, None, [], [], {}, skipped)
+            return _Piece(epoch, step, self.rank_start, None, [], [], {}, skipped, {}, [])
         indices = np.asarray(positions, dtype=np.int64) + step * self.order.global_batch
         seed, info, n = self.order.seed, self.info, len(samples)
         flips = flip_bits(seed, epoch, indices) if info.flip else np.zeros(n, dtype=bool)
@@ -459,8 +605,10 @@ class LaneStream:
         )
         shape = (n, *info.latent_shape)
         fields = {name: ((n, *value.shape), value.dtype) for name, value in (drawn[0] if drawn else {}).items()}
-        arena = _arena({"latents": (shape, torch.float32), **fields}, get_worker_info() is not None)
+        text_fields = _text_fields(info.text, n) if info.text is not None else {}
+        arena = _arena({"latents": (shape, torch.float32), **text_fields, **fields}, get_worker_info() is not None)
         latents = arena.pop("latents")
+        text = {name: arena.pop(name) for name in text_fields}
         scale, shift = info.scaling_factor, info.shift_factor
         if info.moments:
             # ε of each sample from its own generator, straight into the batch.
@@ -477,7 +625,56 @@ class LaneStream:
         else:
             labels = [self.null_label] * n
         keys = [s["__key__"] for s in samples]
-        return _Piece(epoch, step, positions[0], latents, labels, keys, draws, skipped)
+        captions = []
+        if info.text is not None:
+            drop = draws["drop"].numpy() if "drop" in draws else np.zeros(n, dtype=bool)
+            captions = _fill_text(
+                info.text,
+                text,
+                samples,
+                caption_choices(seed, epoch, indices, [s["__text__"].count for s in samples]),
+                drop,
+            )
+        return _Piece(epoch, step, positions[0], latents, labels, keys, draws, skipped, text, captions)
+
+
+def _text_fields(text: TextInfo, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The batch's text tensors (names of LatentBatch.text), as _arena fields for n samples."""
+    fields = {
+        "embedding": ((n, text.max_length, text.hidden_size), torch.bfloat16),
+        "mask": ((n, text.max_length), torch.bool),
+    }
+    if text.pooled_size is not None:
+        fields["pooled"] = ((n, text.pooled_size), torch.bfloat16)
+    return fields
+
+
+def _fill_text(
+    text: TextInfo, out: dict[str, torch.Tensor], samples: list[dict[str, Any]], choices: np.ndarray, drop: np.ndarray
+) -> list[str]:
+    """Write each sample's chosen caption rows (the null text where `drop`) into `out`; the chosen captions.
+
+    One copy per row, from the shard's bytes into the batch: the rows are read as uint16 bit patterns
+    and `out` holds them as bfloat16 (a view), the mask as bool (nonzero = token)."""
+    rows = [_bits(out["embedding"]), out["mask"].numpy()]  # views of `out`, in text.members order
+    nulls = [text.null_embedding, text.null_mask]
+    if text.pooled_size is not None:
+        rows.append(_bits(out["pooled"]))
+        nulls.append(text.null_pooled)
+    captions = []
+    for i, (sample, choice) in enumerate(zip(samples, choices.tolist(), strict=True)):
+        record: _TextRecord = sample["__text__"]
+        captions.append(record.captions[choice])
+        members = zip(text.members, rows, nulls, record.offsets, record.dtypes, strict=True)
+        for member, row, null, offset, dtype in members:
+            if drop[i]:
+                row[i] = null
+            else:
+                size = null.size  # elements per caption row
+                row[i] = np.frombuffer(
+                    sample[member], dtype, count=size, offset=offset + choice * size * dtype.itemsize
+                ).reshape(null.shape)
+    return captions
 
 
 class _RankDataset(IterableDataset):
@@ -523,6 +720,8 @@ class LatentLoader:
     `draws(generator, latent_shape)` makes one sample's draws for the objective (picklable).
     `stop()`, polled by a thread of the main process, makes shard reads give up their retries
     (the trainer passes its preemption flag, so that a rank waiting on storage reaches its save).
+    `text=True` adds each sample's chosen caption's encoder output and the caption ("Text" above);
+    the dataset must then have a text record.
     """
 
     def __init__(
@@ -543,6 +742,7 @@ class LatentLoader:
         draws: DrawFn | None = None,
         read_timeout: float = READ_TIMEOUT_S,
         stop: Callable[[], bool] | None = None,
+        text: bool = False,
     ) -> None:
         global_batch = global_batch or batch_size * world_size
         if global_batch % (batch_size * world_size):
@@ -576,6 +776,7 @@ class LatentLoader:
             labelled=labelled,
             scaling_factor=float(codec["scaling_factor"]),
             shift_factor=float(codec.get("shift_factor") or 0.0),
+            text=self._text_info(url, storage_options) if text else None,
         )
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.batch_size, self.null_label, self.draws = batch_size, null_label, draws
@@ -587,6 +788,58 @@ class LatentLoader:
         self.cursor = (0, 0)  # (epoch, step in the epoch) of the next global batch to start
         self.micro = 0  # micro batches of the cursor's step already yielded by this object
         self.skipped_shards = 0  # shards this rank's readers skipped, since this object was made
+
+    def _text_info(self, url: str, storage_options: Mapping[str, Any] | None) -> TextInfo:
+        """The manifest's text record, checked, with the null text read (one GET, before any worker starts)."""
+        where, record = self.where, self.manifest.get("text")
+        if not isinstance(record, dict):
+            raise DatasetError(
+                f'data.url={where} has no text embeddings (its manifest.json has no "text" record) but the '
+                "loader was asked for text (a text-conditioned model): point data.url at a dataset encoded with "
+                "its captions, re-encode this one with a text encoder (data_tools.encode_latents), or train a "
+                "model without text conditioning"
+            )
+        encoder = record.get("encoder") if isinstance(record.get("encoder"), dict) else {}
+        sizes = {key: encoder.get(key) for key in ("max_length", "hidden_size", "pooled_size")}
+        for key, value in sizes.items():
+            if not (isinstance(value, int) and value > 0) and not (key == "pooled_size" and value is None):
+                raise DatasetError(f"{where}: manifest field text.encoder.{key} is missing or not a positive integer")
+        if not isinstance(record.get("null"), str):
+            raise DatasetError(f"{where}: manifest field text.null (the null text's file) is missing")
+        length, hidden, pooled = sizes["max_length"], sizes["hidden_size"], sizes["pooled_size"]
+        null = load_null_text(url, storage_options, record["null"])
+        expected = {"embedding": ((length, hidden), torch.bfloat16), "mask": ((length,), None)}
+        if pooled is not None:
+            expected["pooled"] = ((pooled,), torch.bfloat16)
+        for name, (shape, dtype) in expected.items():
+            value = null.get(name)
+            if value is None or tuple(value.shape) != shape or (dtype is not None and value.dtype != dtype):
+                found = "missing" if value is None else f"{value.dtype} {list(value.shape)}"
+                raise DatasetError(
+                    f"{where}: {record['null']} tensor {name!r} is {found}, the manifest's text encoder gives "
+                    f"{dtype or 'uint8'} {list(shape)}; re-encode the dataset's captions"
+                )
+        members = tuple(m for m in TEXT_MEMBERS if m != "text_pooled.npy" or pooled is not None)
+        return TextInfo(
+            max_length=length,
+            hidden_size=hidden,
+            pooled_size=pooled,
+            members=members,
+            null_embedding=_bits(null["embedding"]),
+            null_mask=null["mask"].numpy() != 0,
+            null_pooled=_bits(null["pooled"]) if pooled is not None else None,
+        )
+
+    @property
+    def null_text(self) -> dict[str, torch.Tensor] | None:
+        """The null text dropped samples get, as LatentBatch.text without the batch axis; None without text."""
+        text = self.info.text
+        if text is None:
+            return None
+        null = {"embedding": _bf16(text.null_embedding), "mask": torch.from_numpy(text.null_mask)}
+        if text.null_pooled is not None:
+            null["pooled"] = _bf16(text.null_pooled)
+        return null
 
     def _set_order(self, order: Order) -> None:
         self.order = order
@@ -696,7 +949,9 @@ class LatentLoader:
         labels = torch.tensor([label for p, a, b in parts for label in p.labels[a:b]], dtype=torch.long)
         keys = [key for p, a, b in parts for key in p.keys[a:b]]
         positions = torch.arange(low, high, dtype=torch.long) + step * self.order.global_batch
-        return LatentBatch(latents, labels, keys, epoch, draws, positions)
+        text = {name: joined([p.text[name][a:b] for p, a, b in parts]) for name in parts[0][0].text}
+        captions = [caption for p, a, b in parts for caption in p.captions[a:b]]
+        return LatentBatch(latents, labels, keys, epoch, draws, positions, text, captions)
 
     def _pieces_joined(self) -> bool:
         """Whether some micro batch of this rank spans the pieces of two workers (and is joined by a copy)."""
