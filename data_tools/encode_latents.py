@@ -56,6 +56,7 @@ from .images import BadImage, FolderSource, InputError, TarSource, center_crop_r
 log = logging.getLogger("encode_latents")
 PARTS = "_parts"
 NULL_TEXT = "null_text.safetensors"
+EXAMPLES = 8  # captions the manifest keeps as text.examples
 MISSING_CAPTIONS = ("skip", "empty")
 
 
@@ -156,6 +157,7 @@ class UnitResult:
     text: list[dict[str, bytes]] = field(default_factory=list)  # per sample: the text members, encoded
     skipped: list[dict[str, str]] = field(default_factory=list)
     captions: dict[str, int] | None = None  # caption counts (text_counts), when captions are encoded
+    examples: list[str] = field(default_factory=list)  # the first EXAMPLES distinct first captions of images
 
 
 def text_counts() -> dict[str, int]:
@@ -240,6 +242,8 @@ def write_unit(fs, root: str, unit: int, result: UnitResult, encoding: dict[str,
     }
     if result.captions is not None:
         record["captions"] = result.captions
+        # A few captions for in-training sample grids when tracking.prompts sets none: each image's first.
+        record["examples"] = result.examples
     write_atomic(fs, record_path(root, unit), manifest_bytes(record))
     return record
 
@@ -316,6 +320,7 @@ def finalize(
                 "truncated": sum(c["truncated"] for c in counts),
                 "missing": {"policy": encoding["args"]["missing_captions"], "count": sum(c["missing"] for c in counts)},
             },
+            "examples": list(dict.fromkeys(c for r in records for c in r["examples"]))[:EXAMPLES],
         }
         write_atomic(fs, join(root, NULL_TEXT), null_text)  # readers may rely on it once the manifest exists
     write_atomic(fs, join(root, MANIFEST), manifest_bytes(manifest))
@@ -671,6 +676,9 @@ def encode_units(
             if text_encoder is not None:
                 members, truncated = text_members(text_encoder, batch.captions)
                 result.text.extend(members)
+                for first in (c[0] for c in batch.captions if c and c[0]):
+                    if len(result.examples) < EXAMPLES and first not in result.examples:
+                        result.examples.append(first)
                 for counts in (result.captions, stats["captions"]):
                     counts["total"] += sum(map(len, batch.captions))
                     counts["max_per_image"] = max([counts["max_per_image"], *map(len, batch.captions)])

@@ -22,10 +22,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from data_tools.make_text_encoder import write_text_encoder
-
 from data_tools import encode_latents
 from data_tools.make_digits import write_captions, write_digits
+from data_tools.make_text_encoder import write_text_encoder
 from diffusion_dist.distributed import process_from_env
 from diffusion_dist.train.tracking import local_store, ui_command
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusion_dist.text import TextEncoder
 
 from data_tools.encode_latents import json_options
 from data_tools.images import IMAGE_EXTENSIONS, BadImage, center_crop_resize, decode_image
@@ -54,6 +53,7 @@ from diffusion_dist.evaluation import (
 from diffusion_dist.export import ExportInfo, load_null_text
 from diffusion_dist.inference import Guidance
 from diffusion_dist.pictures import styled_figure
+from diffusion_dist.text import TextEncoder
 from launch.sample import add_guidance_arguments, load_models
 
 log = logging.getLogger("launch.evaluate")

@@ -94,6 +94,7 @@ def write_dataset(
     }
     if text is not None:
         length, hidden, pooled = text
+        counts = [len(captions_of(s, i, max_captions)) for s, n in enumerate(shard_sizes) for i in range(n)]
         manifest["text"] = {
             "encoder": {
                 "name": "test",
@@ -105,8 +106,12 @@ def write_dataset(
             },
             "null": NULL_TEXT,
             "captions": {
-                "total": sum(len(captions_of(s, i, max_captions)) for s, n in enumerate(shard_sizes) for i in range(n))
+                "max_per_image": max(counts),
+                "total": sum(counts),
+                "truncated": 0,
+                "missing": {"policy": "skip", "count": 0},
             },
+            "examples": [captions_of(0, i, max_captions)[0] for i in range(min(8, shard_sizes[0]))],
         }
         fs.pipe_file(f"{root}/{NULL_TEXT}", save_safetensors(null_text(length, hidden, pooled)))
     fs.pipe_file(f"{root}/{MANIFEST}", manifest_bytes(manifest))

@@ -621,10 +621,10 @@ def test_text_without_a_text_record_is_a_clear_error(tmp_path):
         loader(tmp_path / "data", text=True)
     manifest["text"]["encoder"]["hidden_size"] = 16
     (tmp_path / "data" / "manifest.json").write_bytes(manifest_bytes(manifest))
-    with pytest.raises(DatasetError, match=r"null_text.safetensors tensor 'embedding' is torch.bfloat16 \[6, 8\]"):
+    with pytest.raises(DatasetError, match=r"null_text.safetensors holds .*'embedding': \(6, 8\).* gives .*'embedding': \(6, 16\).*re-encode"):
         loader(tmp_path / "data", text=True)
     (tmp_path / "data" / NULL_TEXT).unlink()
-    with pytest.raises(DatasetError, match="names null_text.safetensors, which is missing"):
+    with pytest.raises(DatasetError, match="null_text.safetensors is missing; re-run encode_latents"):
         loader(tmp_path / "data", text=True)
 
 

@@ -204,7 +204,10 @@ def test_folder_with_sidecar_captions(images, t5, tmp_path, capsys):
         "encoder": encoder.record(),
         "null": "null_text.safetensors",
         "captions": {"max_per_image": 2, "total": 46, "truncated": 10, "missing": {"policy": "skip", "count": 4}},
+        # Prompts for in-training grids: the first 8 distinct first captions, in dataset order.
+        "examples": list(dict.fromkeys(json.loads(s["captions.json"])[0] for s in samples_of(out)))[:8],
     }
+    assert len(manifest["text"]["examples"]) == 8
     assert "captions: 46 encoded (at most 2 per image), 10 truncated to 16 tokens, 4 images without one" in err
     assert manifest["num_samples"] == 36
     assert sorted(s["reason"] for s in manifest["skipped"]) == ["no caption"] * 4

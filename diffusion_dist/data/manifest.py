@@ -112,6 +112,9 @@ def validate_text(text: Any, where: str) -> None:
         raise bad("captions.missing.policy")
     if not _count(missing.get("count")):
         raise bad("captions.missing.count")
+    examples = text.get("examples", [])
+    if not (isinstance(examples, list) and all(isinstance(e, str) for e in examples)):
+        raise bad("examples")
 
 
 def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -160,9 +163,12 @@ def load_null_text(
     expected = {"embedding": (encoder["max_length"], encoder["hidden_size"]), "mask": (encoder["max_length"],)}
     if encoder["pooled_size"] is not None:
         expected["pooled"] = (encoder["pooled_size"],)
-    found = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
-    if found != expected:
-        raise DatasetError(f"{where}: {name} holds {found}, the manifest's text encoder gives {expected}")
+    found = {key: tuple(tensor.shape) for key, tensor in sorted(tensors.items())}
+    if found != dict(sorted(expected.items())):
+        raise DatasetError(
+            f"{where}: {name} holds {found}, the manifest's text encoder gives {dict(sorted(expected.items()))}; "
+            "re-encode the dataset's captions (data_tools.encode_latents)"
+        )
     null = {key: tensor.float() for key, tensor in tensors.items()}
     null["mask"] = tensors["mask"].bool()
     return null

@@ -96,12 +96,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .manifest import DatasetError, load_manifest
+from .manifest import DatasetError, load_manifest, load_null_text
 from .shards import CorruptShard, NpyReader, decode_npy, encode_npy, shard_problems
-from .storage import PERMANENT_ERRORS, TRANSIENT_ERRORS, filesystem, join, read_bytes, redact_text, redact_url
+from .storage import PERMANENT_ERRORS, TRANSIENT_ERRORS, filesystem, join, redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -285,20 +284,6 @@ def _npy_layout(data: memoryview, name: str) -> tuple[int, np.dtype, tuple[int, 
     if len(data) != start + size + math.prod(shape) * dtype.itemsize:
         raise CorruptShard(f"{name}: {len(data)} bytes do not match its header {dtype} {list(shape)}")
     return start + size, dtype, shape
-
-
-def load_null_text(url: str, storage_options: Mapping[str, Any] | None, name: str) -> dict[str, torch.Tensor]:
-    """The dataset's null text (the encoded empty string) from `name` at its root, in one GET:
-    "embedding" (L, D) bfloat16, "mask" (L,), "pooled" (P,) bfloat16 when the encoder pools."""
-    # TODO(issue 18): use diffusion_dist.data.manifest.load_null_text once the text tools land (same result).
-    fs, root = filesystem(url, storage_options)
-    try:
-        return load_safetensors(read_bytes(fs, join(root, name)))
-    except FileNotFoundError:
-        raise DatasetError(
-            f"{redact_url(url)}: the manifest's text record names {name}, which is missing; "
-            "re-encode the dataset's captions (data_tools.encode_latents)"
-        ) from None
 
 
 class DatasetInfo(NamedTuple):
@@ -799,35 +784,19 @@ class LatentLoader:
                 "its captions, re-encode this one with a text encoder (data_tools.encode_latents), or train a "
                 "model without text conditioning"
             )
-        encoder = record.get("encoder") if isinstance(record.get("encoder"), dict) else {}
-        sizes = {key: encoder.get(key) for key in ("max_length", "hidden_size", "pooled_size")}
-        for key, value in sizes.items():
-            if not (isinstance(value, int) and value > 0) and not (key == "pooled_size" and value is None):
-                raise DatasetError(f"{where}: manifest field text.encoder.{key} is missing or not a positive integer")
-        if not isinstance(record.get("null"), str):
-            raise DatasetError(f"{where}: manifest field text.null (the null text's file) is missing")
-        length, hidden, pooled = sizes["max_length"], sizes["hidden_size"], sizes["pooled_size"]
-        null = load_null_text(url, storage_options, record["null"])
-        expected = {"embedding": ((length, hidden), torch.bfloat16), "mask": ((length,), None)}
-        if pooled is not None:
-            expected["pooled"] = ((pooled,), torch.bfloat16)
-        for name, (shape, dtype) in expected.items():
-            value = null.get(name)
-            if value is None or tuple(value.shape) != shape or (dtype is not None and value.dtype != dtype):
-                found = "missing" if value is None else f"{value.dtype} {list(value.shape)}"
-                raise DatasetError(
-                    f"{where}: {record['null']} tensor {name!r} is {found}, the manifest's text encoder gives "
-                    f"{dtype or 'uint8'} {list(shape)}; re-encode the dataset's captions"
-                )
+        encoder = record["encoder"]  # validated with the manifest
+        length, hidden, pooled = encoder["max_length"], encoder["hidden_size"], encoder["pooled_size"]
+        null = load_null_text(url, storage_options, self.manifest)  # checked against the encoder's sizes
         members = tuple(m for m in TEXT_MEMBERS if m != "text_pooled.npy" or pooled is not None)
         return TextInfo(
             max_length=length,
             hidden_size=hidden,
             pooled_size=pooled,
             members=members,
-            null_embedding=_bits(null["embedding"]),
-            null_mask=null["mask"].numpy() != 0,
-            null_pooled=_bits(null["pooled"]) if pooled is not None else None,
+            # Stored as bfloat16: the float32 copies convert back exactly.
+            null_embedding=_bits(null["embedding"].to(torch.bfloat16)),
+            null_mask=null["mask"].numpy(),
+            null_pooled=_bits(null["pooled"].to(torch.bfloat16)) if pooled is not None else None,
         )
 
     @property

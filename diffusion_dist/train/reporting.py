@@ -240,11 +240,14 @@ def start_tracking(
 
 def _grid_sampler(export: ExportInfo, config: Config, device: torch.device, data: LatentLoader) -> SampleGrid | None:
     """Rank 0's grid maker: a row per class, or for a text model per prompt (tracking.prompts, else
-    the dataset's first captions)."""
+    the captions the dataset keeps as examples)."""
     try:
         if not config.model.text:
             return SampleGrid(export, device, seed=config.run.seed)
-        prompts = config.tracking.prompts or data.first_captions(8)
+        prompts = config.tracking.prompts or data.manifest["text"].get("examples")
+        if not prompts:
+            log.warning("sample grids disabled: set tracking.prompts (the dataset records no example captions)")
+            return None
         return SampleGrid(export, device, seed=config.run.seed, prompts=prompts, null_text=data.null_text)
     except Exception as e:  # noqa: BLE001 - e.g. the VAE cannot be loaded offline: train without grids
         log.warning("sample grids disabled: %s", e)
