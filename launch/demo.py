@@ -24,7 +24,7 @@ from pathlib import Path
 
 from data_tools import encode_latents
 from data_tools.make_digits import write_captions, write_digits
-from data_tools.make_text_encoder import write_text_encoder
+from data_tools.make_text_encoder import build_text_encoder
 from diffusion_dist.distributed import process_from_env
 from diffusion_dist.train.tracking import local_store, ui_command
 
@@ -52,9 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoding = ["--vae", "pixel", "--resolution", "8", "--shard-size", "200", "--num-workers", "1"]
     if args.text:
         if not (data / "text-encoder").exists():
-            write_text_encoder(data / "text-encoder", kind="t5", seed=0)
+            build_text_encoder(data / "text-encoder", kind="t5", seed=0)
         write_captions(images, data / "captions.jsonl")
+        # 32 byte tokens hold the longest caption ("a handwritten seven" and its end marker).
         encoding += ["--captions", str(data / "captions.jsonl"), "--text-encoder", str(data / "text-encoder")]
+        encoding += ["--text-max-length", "32"]
     if not (latents / "manifest.json").exists():
         code = encode_latents.main(["--input", str(images), "--output", str(latents), *encoding])
         if code:

@@ -1,5 +1,7 @@
 """The main job on its embedded default: python -m launch.demo, judged by a digit classifier."""
 
+import functools
+import json
 import os
 import subprocess
 import sys
@@ -15,14 +17,11 @@ from tests.test_pictures import cells
 pytestmark = pytest.mark.slow  # every test here starts processes
 
 
-def test_demo_trains_recognisable_digits(tmp_path):
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-
+def run_demo(run_dir, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["DS_ACCELERATOR"] = "cpu"
     result = subprocess.run(
-        [sys.executable, "-m", "launch.demo", "--run-dir", str(tmp_path)],
+        [sys.executable, "-m", "launch.demo", "--run-dir", str(run_dir), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -30,14 +29,28 @@ def test_demo_trains_recognisable_digits(tmp_path):
         timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "demo done" in result.stdout and (tmp_path / "samples.png").exists()
+    assert "demo done" in result.stdout and (run_dir / "samples.png").exists()
+    return result
+
+
+@functools.cache
+def digit_classifier():
+    """An independent judge: logistic regression on scikit-learn's digits (8 × 8, 0..16)."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
 
     digits = load_digits()
-    classifier = LogisticRegression(max_iter=5000).fit(digits.data, digits.target)
+    return LogisticRegression(max_iter=5000).fit(digits.data, digits.target)
 
-    def accuracy(images: np.ndarray, labels: np.ndarray) -> float:
-        gray = images.astype(float).mean(axis=-1) * 16 / 255  # the classifier's 0..16 scale
-        return (classifier.predict(gray.reshape(len(gray), -1)) == labels).mean()
+
+def accuracy(images: np.ndarray, labels: np.ndarray) -> float:
+    """The share of uint8 (N, 8, 8, 3) images the classifier reads as their label."""
+    gray = images.astype(float).mean(axis=-1) * 16 / 255  # the classifier's 0..16 scale
+    return (digit_classifier().predict(gray.reshape(len(gray), -1)) == labels).mean()
+
+
+def test_demo_trains_recognisable_digits(tmp_path):
+    result = run_demo(tmp_path)
 
     samples = np.load(tmp_path / "samples.npz")
     assert samples["images"].shape == (80, 8, 8, 3)
@@ -70,3 +83,39 @@ def test_demo_trains_recognisable_digits(tmp_path):
     tiles = cells(grid, grid_layout(80, 8, 8, rows=10, labels=labels), 80)
     score = accuracy(tiles, np.repeat(np.arange(10), 8))
     assert score >= 0.8, f"only {score:.0%} of the last training grid's digits are classified as their row"
+
+
+def test_text_demo_draws_the_digit_a_prompt_names(tmp_path):
+    """launch.demo --text: captions in five phrasings per digit, a seeded random T5 encoder, a text-only UNet;
+    samples of "the digit d" must read as d (issue 18: >= 0.9 over all ten digits)."""
+    result = run_demo(tmp_path, "--text")
+    samples = np.load(tmp_path / "samples.npz")
+    prompts = [f"the digit {d}" for d in range(10)]
+    assert samples["images"].shape == (80, 8, 8, 3) and list(samples["prompts"]) == [
+        p for p in prompts for _ in range(8)
+    ]
+    score = accuracy(samples["images"], np.repeat(np.arange(10), 8))
+    assert score >= 0.9, f"only {score:.0%} of the digits drawn for 'the digit d' are classified as d"
+    # The grid's rows are labelled with their prompts; the export records the encoder and its null text.
+    grid = np.asarray(Image.open(tmp_path / "samples.png").convert("RGB"))
+    assert np.array_equal(grid, grid_image(samples["images"], rows=10, labels=prompts))
+    export = json.loads((tmp_path / "export" / "config.json").read_text())
+    manifest = json.loads((tmp_path / "data" / "latents" / "manifest.json").read_text())
+    assert (
+        export["text_encoder"] == manifest["text"]["encoder"]
+        and (tmp_path / "export" / "null_text.safetensors").exists()
+    )
+
+    # In-training grids of the configured prompts reach MLflow every 500 steps.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("demo-text").experiment_id])
+    assert run.info.status == "FINISHED"
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
+    steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images)
+    assert steps == list(range(500, int(run.data.params["train.max_steps"]) + 1, 500))
+    last = np.asarray(Image.open(tmp_path / "samples" / f"step-{steps[-1]:07d}.png").convert("RGB"))
+    tiles = cells(last, grid_layout(80, 8, 8, rows=10, labels=prompts), 80)
+    assert accuracy(tiles, np.repeat(np.arange(10), 8)) >= 0.8
+    assert "demo done" in result.stdout
