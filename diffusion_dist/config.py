@@ -112,7 +112,7 @@ class TrackingConfig:
     experiment: str = "diffusion-dist"
     log_every: int = 100  # steps between metric logs
     sample_every: int = 5000  # steps between EMA sample grids (fixed seed and labels); 0 disables
-    prompts: list[str] = field(default_factory=list)  # a text model's grid rows; empty: the dataset's first captions
+    prompts: list[str] = field(default_factory=list)  # a text model's grid rows; empty: its dataset's examples
     max_pending: int = 10_000  # records held while the server is unreachable; beyond, new ones are dropped
     flush_timeout: float = 120.0  # seconds the end of a run waits for undelivered records
 

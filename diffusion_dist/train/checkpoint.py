@@ -91,9 +91,10 @@ def committed_steps(url: str, storage_options: dict[str, Any] | None = None) -> 
 
 def read_export_weights(
     url: str, step: int | None = None, storage_options: dict[str, Any] | None = None, scratch: Path | None = None
-) -> tuple[dict[str, torch.Tensor], ExportInfo]:
-    """The EMA weights and export record of a committed checkpoint (the newest when step is None),
-    read without DeepSpeed and checked against the commit: what launch.export writes out."""
+) -> tuple[dict[str, torch.Tensor], ExportInfo, dict[str, torch.Tensor] | None]:
+    """The EMA weights, export record and (for a text model) null text of a committed checkpoint (the
+    newest when step is None), read without DeepSpeed and checked against the commit: what
+    launch.export writes out."""
     store = CheckpointStore(url, storage_options)
     legacy = _legacy_checkpoints(Path(url)) if store.local else {}
     steps = committed_steps(url, storage_options)
@@ -101,17 +102,21 @@ def read_export_weights(
         raise FileNotFoundError(f"{redact_url(url)} holds no committed checkpoint{f' of step {step}' if step else ''}")
     step = steps[0] if step is None else step
     if step in legacy:
-        return _legacy_export_weights(Path(legacy[step]))
+        return (*_legacy_export_weights(Path(legacy[step])), None)  # format 1 predates text models
     directory = store.fetch(step, [STATE], scratch or Path("."))
     state = json.loads((directory / STATE).read_text())
-    files = sorted(set(state["tensor_files"].values()))
+    files = sorted(set(state["tensor_files"].values()) | {tensor_file(0)})  # rank 0's holds the null text
     directory = store.fetch(step, files, scratch or Path("."))
-    weights = {}
+    weights, null_text = {}, {}
     for name in files:
-        weights |= {
-            key.removeprefix("ema/"): t for key, t in load_file(directory / name).items() if key.startswith("ema/")
-        }
-    return weights, ExportInfo.from_dict(state["export"]).replace(step=state["progress"]["step"])
+        for key, tensor in load_file(directory / name).items():
+            kind, _, rest = key.partition("/")
+            if kind == "ema":
+                weights[rest] = tensor
+            elif kind == "null_text":
+                null_text[rest] = tensor
+    info = ExportInfo.from_dict(state["export"]).replace(step=state["progress"]["step"])
+    return weights, info, null_text or None
 
 
 def _legacy_export_weights(directory: Path) -> tuple[dict[str, torch.Tensor], ExportInfo]:
@@ -204,6 +209,9 @@ class TrainState:
             if owners[index] == self.rank:
                 tensors |= {f"{kind}/{name}": value.cpu() for kind, value in {**state, "ema": ema}.items()}
         tensors |= {f"rng/{key}": value for key, value in _rng_state().items()}
+        if self.rank == 0 and self.data.null_text is not None:
+            # A text model's ∅, so that launch.export needs only the checkpoint.
+            tensors |= {f"null_text/{key}": value for key, value in self.data.null_text.items()}
         save_file(tensors, staging / tensor_file(self.rank))
         data = self.data.state_dict()  # the global cursor: the same on every rank
         if self.rank != 0:
