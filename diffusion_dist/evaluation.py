@@ -296,40 +296,101 @@ def dataset_captions(url: str, limit: int, storage_options: Mapping[str, Any] | 
 
 
 class ClipScore:
-    """CLIPScore (Hessel et al. 2021, as torchmetrics computes it): 100 · max(cos(image, text), 0) averaged
-    over the samples, with a CLIP model from a local folder or hub id (transformers CLIPModel). Rank 0 gets
-    the mean of every rank's samples."""
+    """CLIPScore (Hessel et al. 2021) on torchmetrics' scale: the mean over samples of
+    100 · max(cos(E_image, E_text), 0), E the projected CLIP embeddings of a transformers CLIPModel.
 
-    def __init__(self, name_or_path: str, device: str | torch.device) -> None:
-        from transformers import CLIPModel, CLIPProcessor
+    Each sample is clamped at 0, as in the paper; torchmetrics' CLIPScore clamps the mean instead,
+    which is the same unless some cosine is negative (trained CLIP models hardly give one for an image
+    and its caption). Prompts longer than the model's positions are cut to them, as torchmetrics does.
+    The model comes from a local folder (config.json and weights, with the CLIPProcessor files: image
+    processor and tokenizer), or from a hub id already in the Hugging Face cache; a hub id is only
+    downloaded with `download`. Rank 0 gets the mean of every rank's samples."""
 
-        try:
-            with torch.random.fork_rng(devices=[]):
-                self.model = CLIPModel.from_pretrained(name_or_path).to(device).eval()
-            self.processor = CLIPProcessor.from_pretrained(name_or_path)
-        except (OSError, ValueError) as e:
-            raise EvaluationError(
-                f"--clip-model {name_or_path}: cannot load a CLIP model there ({str(e).splitlines()[0]}); pass a "
-                "local folder holding a transformers CLIPModel with its processor files, or leave --clip-model out"
-            ) from None
+    def __init__(self, name_or_path: str, device: str | torch.device, *, download: bool = False) -> None:
         self.name, self.device = name_or_path, torch.device(device)
+        self.model, self.processor = self._load(name_or_path, download)
+        self.model.to(self.device)
+        self.max_length = int(self.model.config.text_config.max_position_embeddings)
+        self.total, self.count = 0.0, 0
+
+    @staticmethod
+    def _load(name: str, download: bool) -> tuple[Any, Any]:
+        """(CLIPModel in float32, CLIPProcessor); EvaluationError naming `name` and what to do."""
+        from transformers import CLIPModel, CLIPProcessor
+        from transformers.utils import logging as transformers_logging
+
+        what = (
+            "pass a local folder holding a transformers CLIPModel (config.json, model.safetensors) and its "
+            "CLIPProcessor files (save_pretrained of both), or leave --clip-model out to skip the CLIP score"
+        )
+        path = Path(name).expanduser()
+        if path.is_dir():
+            source, local_only = str(path), True
+        elif path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or path.exists():
+            raise EvaluationError(f"--clip-model {name}: no such folder; {what}")
+        else:  # a hub id, e.g. openai/clip-vit-large-patch14: from the local cache unless downloads are allowed
+            source, local_only = name, not download
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # our message, not transformers' load report
+        try:
+            with torch.random.fork_rng(devices=[]):  # whatever it initialises must not draw from a caller's RNG
+                model, loading = CLIPModel.from_pretrained(
+                    source, local_files_only=local_only, output_loading_info=True
+                )
+            processor = CLIPProcessor.from_pretrained(source, local_files_only=local_only)
+        except Exception as e:  # noqa: BLE001 - any failure to load is a bad --clip-model, said as such
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            hint = ""
+            if local_only and not path.is_dir():
+                hint = (
+                    "; it is no local folder, and as a hub id it is not in the Hugging Face cache: allow the "
+                    "download with --download-weights (needs internet)"
+                )
+            raise EvaluationError(
+                f"--clip-model {name}: cannot load a CLIP model and processor there ({reason}){hint}; {what}"
+            ) from None
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        missing = [*loading.get("missing_keys", []), *loading.get("mismatched_keys", [])]
+        if missing:
+            raise EvaluationError(
+                f"--clip-model {name}: not a complete CLIPModel, {len(missing)} weights are missing or of "
+                f"another shape (e.g. {sorted(map(str, missing))[0]}); {what}"
+            )
+        return model.float().eval().requires_grad_(False), processor
+
+    def reset(self) -> None:
         self.total, self.count = 0.0, 0
 
     @torch.no_grad()
-    def add(self, images: torch.Tensor, prompts: list[str]) -> None:
-        """uint8 images (N, 3, H, W) and their prompts."""
-        inputs = self.processor(text=prompts, images=list(images), return_tensors="pt", padding=True)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        image = torch.nn.functional.normalize(
-            self.model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1
+    def cosines(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """cos(E_image, E_text) of uint8 images (N, 3, H, W) and their N prompts, (N,) on the CPU."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images and {len(prompts)} prompts")
+        inputs = self.processor(
+            text=prompts,
+            images=[image.cpu() for image in images],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
         )
-        text = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        cosine = (image * torch.nn.functional.normalize(text, dim=-1)).sum(-1)
-        self.total += float((100 * cosine.clamp(min=0)).sum())
+        image = _projected(self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.device)))
+        text = _projected(
+            self.model.get_text_features(
+                input_ids=inputs["input_ids"].to(self.device), attention_mask=inputs["attention_mask"].to(self.device)
+            )
+        )
+        normalize = torch.nn.functional.normalize
+        return (normalize(image.float(), dim=-1) * normalize(text.float(), dim=-1)).sum(-1).cpu()
+
+    def add(self, images: torch.Tensor, prompts: list[str]) -> None:
+        """Score uint8 images (N, 3, H, W) against their prompts."""
+        self.total += float((100 * self.cosines(images, prompts).double().clamp(min=0)).sum())
         self.count += len(prompts)
 
     def observe(self, batches: ImageBatches, prompts: list[str]) -> ImageBatches:
-        """The batches, passed on unchanged, scored against their prompts on the way."""
+        """The batches, passed on unchanged, scored against their prompts (by global sample index) on the way."""
         for index, images in batches:
             self.add(images, [prompts[i] for i in index.tolist()])
             yield index, images
@@ -338,6 +399,12 @@ class ClipScore:
         """The mean over every rank's samples, on rank 0; None elsewhere (a collective)."""
         parts = gather_in_order((self.total, self.count))
         return None if parts is None else sum(t for t, _ in parts) / max(1, sum(c for _, c in parts))
+
+
+def _projected(features: Any) -> torch.Tensor:
+    """CLIPModel.get_{image,text}_features' projected embeddings: a tensor up to transformers 4, an output
+    whose pooler_output holds them from transformers 5 on."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
 
 
 # References.
