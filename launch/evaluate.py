@@ -2,6 +2,7 @@
        [--sampler ddpm|ddim] [--classifier EXPORT --classifier-scale S] [--reference-samples N]
        [--save-reference-stats FILE.npz] [--feature-extractor NAME] [--feature-weights PATH]
        [--download-weights] [--out DIR] [--tracking-uri URI | --no-tracking]
+       [--prompts-file F] [--text-encoder DIR] [--clip-model DIR]
 
 FID (and Inception Score where the feature network has logits) of an export's samples, for
 each classifier-free guidance scale w of ε̃ = (1 + w)·ε_c − w·ε_∅ (DiT's, GLIDE's and diffusers'
@@ -11,6 +12,10 @@ or an image folder (center-cropped and resized to the samples' resolution). Runs
 process, or under torchrun / srun with the samples split over the ranks (the same samples
 whatever the number of ranks). Writes DIR/report.json and DIR/fid_vs_cfg.{png,svg}, and logs
 both with the scores to MLflow, as a child of the training run where the export names it.
+A text model samples from prompts: --prompts-file's lines, or the first caption of each of the
+reference dataset's samples (a captioned latent dataset); with --clip-model (a transformers
+CLIPModel and its CLIPProcessor in a local folder) the report also holds the CLIP score of the
+samples against their prompts, 100 · max(cos, 0) averaged (Hessel et al. 2021, torchmetrics' scale).
 Exit codes: 0 done; 2 bad input (before any sampling).
 """
 
@@ -59,6 +64,12 @@ from launch.sample import add_guidance_arguments, load_models
 log = logging.getLogger("launch.evaluate")
 # What the report's cfg_scale means: the seed's w, not DiT's, GLIDE's or diffusers' s.
 CFG_CONVENTION = "w of ε̃ = (1 + w)·ε_c − w·ε_∅; DiT's, GLIDE's and diffusers' guidance scale is s = 1 + w"
+# Said when a text model is evaluated without a CLIP model: the score is left out, not made up.
+NO_CLIP = (
+    "CLIP score not computed: no --clip-model given. To score how well the samples follow their prompts, "
+    "pass --clip-model DIR, a local folder holding a transformers CLIPModel and its CLIPProcessor (e.g. "
+    "openai/clip-vit-large-patch14 saved with save_pretrained on a machine with internet)"
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -78,7 +89,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="samples per forward per rank")
     parser.add_argument("--feature-extractor", default=INCEPTION, help=f"{INCEPTION} or module:Class")
     parser.add_argument("--feature-weights", default=None, help="the feature network's weights (offline machines)")
-    parser.add_argument("--download-weights", action="store_true", help="download missing weights (needs internet)")
+    parser.add_argument(
+        "--download-weights",
+        action="store_true",
+        help="download missing weights, the feature network's or a --clip-model hub id's (needs internet)",
+    )
     parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval/<time>)")
     parser.add_argument("--storage-options", type=json_options, default={}, help="fsspec options for REF as JSON")
     parser.add_argument(
@@ -92,7 +107,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a text model's prompts, one per line, cycled (default: the captions of --reference, a captioned dataset)",
     )
     parser.add_argument("--text-encoder", default=None, help="a local copy of the export's text encoder")
-    parser.add_argument("--clip-model", default=None, help="a CLIP model (local folder) for a text model's CLIP score")
+    parser.add_argument(
+        "--clip-model",
+        default=None,
+        help="a text model's CLIP score with this CLIP model: a local folder holding a transformers CLIPModel "
+        "and its CLIPProcessor files (default: no CLIP score)",
+    )
     add_guidance_arguments(parser)
     return parser.parse_args(argv)
 
@@ -228,7 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompts = text_prompts(args, reference)
             encoder = TextEncoder.from_record(info.text_encoder, args.text_encoder, device)
             null_text = load_null_text(args.export)
-            clip = ClipScore(args.clip_model, device) if args.clip_model else None
+            clip = ClipScore(args.clip_model, device, download=args.download_weights) if args.clip_model else None
+            if clip is None and process.rank == 0:
+                log.warning(NO_CLIP)
         elif args.prompts_file or args.clip_model:
             raise EvaluationError(f"{args.export} is not a text model: --prompts-file and --clip-model need one")
     except (EvaluationError, DatasetError, FileNotFoundError, ValueError) as e:
@@ -285,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             null_text=null_text,
         )
         if clip is not None:
-            clip.total, clip.count = 0.0, 0
+            clip.reset()
             batches = clip.observe(batches, prompts)
         gathered = extract_features(batches, features)
         clip_score = clip.result() if clip is not None else None  # a collective
@@ -314,6 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "results": results,
             "best": min(results, key=lambda r: r["fid"]),
         }
+        if prompts is not None:
+            report["text"] = {
+                "prompts": str(Path(args.prompts_file).resolve()) if args.prompts_file else "reference captions",
+                "clip_model": args.clip_model,  # None: no CLIP score
+            }
         write_report(out, report)
         if not args.no_tracking:
             report["mlflow_run_id"] = log_to_mlflow(args, info, report, out)
@@ -391,6 +418,8 @@ def log_to_mlflow(args: argparse.Namespace, info: ExportInfo, report: dict[str, 
             "cfg_scales": ",".join(f"{r['cfg_scale']:g}" for r in report["results"]),
         }
     )
+    if "text" in report:
+        params.update({f"text_{key}": str(value) for key, value in report["text"].items()})
     tracker = Tracker(
         uri, experiment, f"eval step {report['step']}", params=params, tags=tags, artifact_root=artifact_root
     )
@@ -416,6 +445,8 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
         print(f"{r['cfg_scale']:6g} {r['fid']:10.3f} {inception}" + (f" {r['clip_score']:7.2f}" if clip else ""))
     best, s = report["best"], 1 + report["best"]["cfg_scale"]
     print(f"best: w = {best['cfg_scale']:g} (s = 1 + w = {s:g}), FID {best['fid']:.3f}; report in {out}")
+    if "text" in report and not clip:
+        print(NO_CLIP)
 
 
 if __name__ == "__main__":
