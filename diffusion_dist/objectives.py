@@ -86,7 +86,8 @@ class Objective:
         text: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-sample terms for the batch's stacked `draws`, each (N,): "loss", "t" and the kind's own.
-        `text` is the batch's text (nulled where draws["drop"], by the loader) for a text model."""
+        `text` is the batch's text for a text model (the loader nulled it where draws["drop_text"], else
+        draws["drop"], is set)."""
         raise NotImplementedError
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -108,9 +109,12 @@ class DiffusionObjective(Objective):
         p_uncond: float = 0.1,
         input_perturbation: float = 0.1,
         vlb_weight: float = 0.001,
+        text: bool = False,
     ) -> None:
         super().__init__(diffusion, null_label)
         self.p_uncond, self.input_perturbation, self.vlb_weight = p_uncond, input_perturbation, vlb_weight
+        # Class and text together: each is also dropped alone, so that either conditions the model on its own.
+        self.separate_drops = text and null_label > 0
 
     @classmethod
     def from_config(cls, config: Config) -> DiffusionObjective:
@@ -121,6 +125,7 @@ class DiffusionObjective(Objective):
             p_uncond=d.p_uncond,
             input_perturbation=d.input_perturbation,
             vlb_weight=d.vlb_weight,
+            text=config.model.text,
         )
 
     @staticmethod
@@ -131,8 +136,19 @@ class DiffusionObjective(Objective):
         return build_unet(size, in_channels, num_classes, learn_sigma, dropout, gradient_checkpointing, **dims)
 
     def draw(self, generator, latent_shape):
+        """t (), eps (C, H, W), xi (C, H, W), drop (): ∅ for the label, and for the text unless "drop_text".
+
+        A model of class and text draws two more, after the others (so the shared draws stay those of
+        every other model): with probability p_uncond each, the label alone ("drop") or the text alone
+        ("drop_text") is dropped too. Both go together with probability p_uncond, which trains ε(z, ∅, ∅)
+        for guidance; one alone with about p_uncond·(1 − p_uncond) each, which trains sampling from a
+        prompt alone (class ∅) or a class alone (null text)."""
         drawn = diffusion_draws(generator, (1, *latent_shape), self.diffusion.num_timesteps, self.p_uncond)
-        return {name: value[0] for name, value in drawn.items()}  # t (), eps (C, H, W), xi (C, H, W), drop ()
+        drawn = {name: value[0] for name, value in drawn.items()}
+        if self.separate_drops:
+            label_alone, text_alone = torch.rand(2, generator=generator, device=generator.device) < self.p_uncond
+            drawn["drop"], drawn["drop_text"] = drawn["drop"] | label_alone, drawn["drop"] | text_alone
+        return drawn
 
     def loss(self, network, latents, labels, draws, text=None):
         arguments = text_arguments(text)

@@ -166,13 +166,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if prompts or info.text_encoder is not None:
             if info.text_encoder is None:
                 raise ValueError(f"{args.export} is not a text model: sample it with --classes")
-            if not prompts:
-                raise ValueError(f"{args.export} is a text model: give --prompt or --prompts-file")
-            if args.classes is not None:
-                raise ValueError("give --prompt or --classes, not both (a row per prompt)")
-            rows = [prompt for prompt in prompts for _ in range(args.per_class)]
-            text, null_text = encode_prompts(info, rows, args.device, args.text_encoder), load_null_text(args.export)
-            classes, grid_labels = [info.model.num_classes] * len(prompts), prompts  # ∅ labels: text conditions
+            null_text, null_label = load_null_text(args.export), info.model.num_classes
+            if args.classes is not None and null_label == 0:
+                raise ValueError(f"{args.export} takes no class labels: give --prompt or --prompts-file alone")
+            if not prompts and (args.classes is None or null_label == 0):
+                raise ValueError(
+                    f"{args.export} is a text model: give --prompt or --prompts-file"
+                    + (" (or --classes alone: class rows with the null text)" if null_label else "")
+                )
+            # A model of class and text was trained on each alone too: a row is a prompt (class ∅),
+            # a class (null text), or a prompt and a class when --classes pairs one with each prompt.
+            classes = parse_classes(args.classes, null_label) if args.classes is not None else []
+            if prompts and classes and len(classes) != len(prompts):
+                raise ValueError(
+                    f"--classes gives {len(classes)} classes for {len(prompts)} prompts: give one class per prompt "
+                    "(a row each), or leave --classes out"
+                )
+            if prompts:
+                rows = [prompt for prompt in prompts for _ in range(args.per_class)]
+                text = encode_prompts(info, rows, args.device, args.text_encoder)
+                names = row_labels(classes, info.dataset.class_names) if classes else []
+                grid_labels = [f"{p} ({n})" for p, n in zip(prompts, names, strict=True)] if classes else prompts
+                classes = classes or [null_label] * len(prompts)
+            else:
+                rows = len(classes) * args.per_class
+                text = {k: v.unsqueeze(0).expand(rows, *v.shape) for k, v in null_text.items()}
+                grid_labels = row_labels(classes, info.dataset.class_names)
         else:
             classes = parse_classes(args.classes, num_classes)
             grid_labels = row_labels(classes, info.dataset.class_names)

@@ -517,7 +517,7 @@ def captioned(tmp_path):
 
 def check_text(batch, pooled: int | None = TEXT[2]) -> None:
     """Each sample's text is its chosen caption's rows (from caption_choices at its global index), or the
-    null text exactly where its draws["drop"] is set; captions in the order of the keys."""
+    null text exactly where its draws["drop_text"] (else draws["drop"]) is set; captions in key order."""
     length, hidden = TEXT[:2]
     n = len(batch.keys)
     assert batch.text["embedding"].shape == (n, length, hidden) and batch.text["embedding"].dtype == torch.bfloat16
@@ -532,7 +532,8 @@ def check_text(batch, pooled: int | None = TEXT[2]) -> None:
         captions = captions_of(shard, index, 3)
         choice = int(caption_choices(7, batch.epoch, batch.positions[i : i + 1].numpy(), [len(captions)])[0])
         assert batch.captions[i] == captions[choice]
-        expected = null if batch.draws["drop"][i] else text_rows(shard, index, choice, length, hidden, pooled)
+        dropped = batch.draws.get("drop_text", batch.draws["drop"])[i]
+        expected = null if dropped else text_rows(shard, index, choice, length, hidden, pooled)
         for name, value in expected.items():
             assert torch.equal(batch.text[name][i], value.to(batch.text[name].dtype)), (key, name)
 
@@ -550,6 +551,45 @@ def test_text_batches_carry_each_samples_chosen_caption_or_the_null_text(tmp_pat
     assert 0 < drop.sum() < len(drop)  # both kinds were checked
     chosen = {c.rsplit(" ", 1)[1] for b in batches for c in b.captions}
     assert chosen == {"0", "1", "2"}
+
+
+def test_a_class_and_text_model_drops_each_condition_alone_too(tmp_path):
+    """DiffusionObjective(text=True) with classes: the label and the text are each dropped with p alone
+    on top of the joint drop, the shared draws are those of the class model, and the loader nulls the
+    text exactly where "drop_text" is set."""
+    p, diffusion = 0.3, GaussianDiffusion.from_schedule("linear", 50)
+    both = DiffusionObjective(diffusion, 5, p_uncond=p, text=True)
+    generator = torch.Generator()
+    draws = [both.draw(generator.manual_seed(i), (4, 2, 2)) for i in range(20000)]
+    for i in (0, 1, 2):
+        shared = OBJECTIVE.draw(generator.manual_seed(i), (4, 2, 2))
+        assert all(torch.equal(draws[i][k], shared[k]) for k in ("t", "eps", "xi"))
+        assert not shared["drop"] or (draws[i]["drop"] and draws[i]["drop_text"])  # the joint drop is kept
+    label = torch.stack([d["drop"] for d in draws]).double()
+    text = torch.stack([d["drop_text"] for d in draws]).double()
+    # Joint J, label alone a, text alone b, each Bernoulli(p): drop = J | a, drop_text = J | b.
+    expected = {
+        "both": p + (1 - p) * p * p,
+        "label alone": (1 - p) * p * (1 - p),
+        "text alone": (1 - p) * (1 - p) * p,
+    }
+    measured = {
+        "both": (label * text).mean(),
+        "label alone": (label * (1 - text)).mean(),
+        "text alone": ((1 - label) * text).mean(),
+    }
+    for name, value in expected.items():
+        assert abs(measured[name] - value) < 0.015, (name, float(measured[name]), value)
+    # Text-only and class-only models draw no "drop_text".
+    assert "drop_text" not in DiffusionObjective(diffusion, 0, text=True).draw(generator, (4, 2, 2))
+
+    write_dataset(str(tmp_path), UNEVEN, text=TEXT)
+    source = loader(tmp_path, num_workers=0, batch_size=8, draws=both.draw, text=True)
+    batches = list(itertools.islice(source, 10))
+    for batch in batches:
+        check_text(batch)
+    drops = torch.cat([b.draws["drop"] for b in batches]), torch.cat([b.draws["drop_text"] for b in batches])
+    assert (drops[0] != drops[1]).any()  # the rows checked include drops of one condition alone
 
 
 def test_captions_and_text_are_the_same_on_any_number_of_ranks_and_workers(captioned):
@@ -621,7 +661,8 @@ def test_text_without_a_text_record_is_a_clear_error(tmp_path):
         loader(tmp_path / "data", text=True)
     manifest["text"]["encoder"]["hidden_size"] = 16
     (tmp_path / "data" / "manifest.json").write_bytes(manifest_bytes(manifest))
-    with pytest.raises(DatasetError, match=r"null_text.safetensors holds .*'embedding': \(6, 8\).* gives .*'embedding': \(6, 16\).*re-encode"):
+    wrong_shape = r"null_text.safetensors holds .*'embedding': \(6, 8\).* gives .*'embedding': \(6, 16\).*re-encode"
+    with pytest.raises(DatasetError, match=wrong_shape):
         loader(tmp_path / "data", text=True)
     (tmp_path / "data" / NULL_TEXT).unlink()
     with pytest.raises(DatasetError, match="null_text.safetensors is missing; re-run encode_latents"):

@@ -1,7 +1,8 @@
 """The text path end to end on CPU (issue 18): digits captioned in five phrasings, encoded with a tiny
 CLIP text encoder into shards on S3 (moto), streamed to a 2-rank ZeRO-2 run of a UNet conditioned on
 class and text with its checkpoints on S3, killed and resumed bit-identically, exported, and sampled
-from prompts with the recorded null text; a different text encoder is refused."""
+from prompts, prompts with classes and classes alone with the recorded null text; a different text
+encoder is refused."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def test_text_model_resumes_bit_identically_and_samples_from_prompts(s3, caption
 
     killed = tmp_path / "killed"
     process = start(args("killed"), env=env)
-    reached = wait_for_step(killed, 17, process)
+    reached = wait_for_step(killed, 17, process, timeout=600)
     kill_tree(process)
     assert 17 <= reached < 30
     restarted = train(args("killed"), env=env)
@@ -153,8 +154,17 @@ def test_text_model_resumes_bit_identically_and_samples_from_prompts(s3, caption
     assert refused.returncode == 2
     assert f"the text encoder {str(other)!r}" in refused.stderr and "differs from" in refused.stderr
     assert "sha256" in refused.stderr and not (tmp_path / "c.npz").exists()
-    # A text model needs prompts; a class model refuses them.
-    assert "give --prompt or --prompts-file" in sample(killed / "export", "--out", tmp_path / "d").stderr
+    # Class and text were each dropped alone too: a prompt with a class, or a class with the null text.
+    export, short = killed / "export", ["--per-class", 2, "--steps", 5, "--text-encoder", encoder]
+    paired = sample(export, *common[1:5], "--classes", "3,7", *short, "--out", tmp_path / "paired")
+    assert paired.returncode == 0, paired.stderr[-3000:]
+    assert list(np.load(tmp_path / "paired.npz")["labels"]) == [3, 3, 7, 7]
+    classes = sample(export, "--classes", "1,2", *short, "--out", tmp_path / "classes")
+    assert classes.returncode == 0, classes.stderr[-3000:]
+    assert "prompts" not in np.load(tmp_path / "classes.npz")
+    uneven = sample(export, *common[1:5], "--classes", "3", *short, "--out", tmp_path / "uneven")
+    assert uneven.returncode == 2 and "give one class per prompt" in uneven.stderr
+    assert "give --prompt or --prompts-file" in sample(export, "--out", tmp_path / "d").stderr
 
 
 def test_a_text_model_on_data_without_captions_is_refused_before_training(digits_latents, tmp_path):

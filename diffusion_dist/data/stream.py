@@ -44,8 +44,9 @@ count, a constant global batch.
    is set, the embedding, mask and pooled vector are the dataset's null text (the encoded empty
    string, `null_text.safetensors`, read once before the workers start) instead: the same draw
    also replaces the class label by ∅ in the loss, so a dropped sample is unconditional in both
-   (Ho & Salimans 2022, Algorithm 1). `captions` keeps the chosen caption even where dropped;
-   `draws["drop"]` says which were. Without "drop" (no draw function, the classifier) nothing is
+   (Ho & Salimans 2022, Algorithm 1); a model of class and text draws `draws["drop_text"]` for
+   the text apart (`DiffusionObjective.draw`). `captions` keeps the chosen caption even where
+   dropped; the drop draw says which were. Without "drop" (no draw function, the classifier) nothing is
    dropped. The chosen rows are copied once from the shard's bytes into the piece's shared
    buffer and read as bfloat16 by a view; with `text=False` the text members are not decoded.
 
@@ -124,7 +125,7 @@ class LatentBatch(NamedTuple):
     draws: dict[str, torch.Tensor]  # the objective's draws, each (N, ...); {} without a draw function
     positions: torch.Tensor  # (N,) int64: each sample's global index in the epoch, step · B + position
     # With text: "embedding" (N, L, D) bfloat16, "mask" (N, L) bool, "pooled" (N, P) bfloat16 when the
-    # encoder pools; the null text where draws["drop"] is set. {} without text.
+    # encoder pools; the null text where draws["drop_text"] (else draws["drop"]) is set. {} without text.
     text: dict[str, torch.Tensor]
     captions: list[str]  # the caption each sample took this epoch (also where dropped); [] without text
 
@@ -612,7 +613,8 @@ class LaneStream:
         keys = [s["__key__"] for s in samples]
         captions = []
         if info.text is not None:
-            drop = draws["drop"].numpy() if "drop" in draws else np.zeros(n, dtype=bool)
+            drop = draws.get("drop_text", draws.get("drop"))  # a class and text model drops them apart
+            drop = drop.numpy() if drop is not None else np.zeros(n, dtype=bool)
             captions = _fill_text(
                 info.text,
                 text,
