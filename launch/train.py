@@ -1,8 +1,9 @@
 """python -m launch.train CONFIG [section.key=value ...] [--resume PATH | --no-resume] [--print-config]
 
 Runs as one process, or under torchrun, srun or the deepspeed launcher (one process per
-GPU). Exit codes: 0 done; 75 preempted after saving a checkpoint (requeue me); 2 bad
-config or data (an unreadable data.url included), before training starts; 1 training failed,
+GPU). Exit codes: 0 done; 75 preempted after saving a checkpoint, or the data's storage
+unreachable at start after retries (requeue me); 2 bad config or data (a wrong data.url or
+credentials included), before training starts; 1 training failed,
 on this rank or on another one (a full disk included: the message says so).
 
 With more than one rank, a rank that fails tells the others (diffusion_dist/train/watchdog.py):
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from diffusion_dist.config import Config, ConfigError, load_config, to_yaml
 from diffusion_dist.data.manifest import DatasetError, load_manifest
-from diffusion_dist.data.storage import redact_text, redact_url
+from diffusion_dist.data.storage import StorageUnavailable, redact_text, redact_url
 from diffusion_dist.distributed import process_from_env
 from diffusion_dist.evaluation import EvaluationError
 
@@ -58,6 +59,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         check_data(config)
+    except StorageUnavailable as e:
+        # An outage, not a mistake: the requeue code, so that slurm/train.sh puts the job back in the queue.
+        from diffusion_dist.train.preemption import REQUEUE_EXIT_CODE
+
+        print(
+            f"error: data.url={redact_url(config.data.url)}: storage unreachable ({redact_text(str(e))}); "
+            f"exiting with {REQUEUE_EXIT_CODE} so that the scheduler requeues the job. If it repeats, check "
+            "data.storage_options (endpoint_url) and that the storage is reachable from this node",
+            file=sys.stderr,
+        )
+        return REQUEUE_EXIT_CODE
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -112,7 +124,7 @@ def check_data(config: Config) -> None:
     url = config.data.url
     try:
         load_manifest(url, config.data.storage_options)
-    except DatasetError:
+    except (DatasetError, StorageUnavailable):
         raise
     except PermissionError as e:
         raise DatasetError(

@@ -265,12 +265,15 @@ def test_a_wrong_s3_secret_is_exit_2_naming_the_url(moto_with_auth, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_unreachable_data_endpoint_is_exit_2_naming_the_url(tmp_path):
+def test_an_unreachable_data_endpoint_is_the_requeue_code_naming_the_url(tmp_path):
+    """An outage (nothing answers, through every retry) is not a mistake in the config: exit 75, which
+    slurm/train.sh requeues, not 2 (issue 17, defect 5)."""
     url = f"http://127.0.0.1:{free_port()}/latents"  # nothing listens there
     result = run_module("launch.train", "configs/demo.yaml", *SMALL, f"run.dir={tmp_path / 'run'}", f"data.url={url}")
-    assert result.returncode == 2, result.stderr
-    assert f"error: data.url={url}: cannot read the dataset" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 75, result.stderr
+    assert f"error: data.url={url}: storage unreachable" in result.stderr and "failed after 5 attempts" in result.stderr
+    assert "requeues the job" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
 
 
 @pytest.mark.parametrize("name", ["config.yaml", pytest.param("metrics.jsonl", marks=pytest.mark.slow)])

@@ -80,6 +80,10 @@ def redact_text(text: str) -> str:
     return _QUERY_IN_TEXT.sub(r"\1\2<redacted>", _USERINFO_IN_TEXT.sub(r"\1", text))
 
 
+class StorageUnavailable(OSError):
+    """Transient errors went on through every retry: the storage is down or unreachable from here."""
+
+
 def retry(
     fn: Callable[[], T],
     what: str,
@@ -97,7 +101,7 @@ def retry(
             if getattr(e, "status", None) in (401, 403, 404):  # HTTP: a wrong credential or URL stays wrong
                 raise
             if attempt == attempts:
-                raise OSError(f"{what}: failed after {attempts} attempts: {redact_text(str(e))}") from e
+                raise StorageUnavailable(f"{what}: failed after {attempts} attempts: {redact_text(str(e))}") from e
             delay = min(base_delay * 2 ** (attempt - 1), max_delay)
             log.warning("%s: %s; retrying in %.1f s (%d/%d)", what, redact_text(str(e)), delay, attempt, attempts)
             time.sleep(delay)
