@@ -109,6 +109,7 @@ def test_yaml_round_trip_redacts_credentials():
         "num_classes": 1000,
         "dropout": 0.0,
         "gradient_checkpointing": False,
+        "text": False,
     }
 
 
