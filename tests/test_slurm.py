@@ -28,7 +28,9 @@ CPU_JOB = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-
 class Cluster:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.env = {**ENV, "SLURM_CONF": str(directory / "slurm.conf")}
+        # Jobs run `python` from PATH: this interpreter's, whether or not its venv was activated.
+        path = f"{Path(sys.executable).parent}:{ENV['PATH']}"
+        self.env = {**ENV, "SLURM_CONF": str(directory / "slurm.conf"), "PATH": path}
 
     def run(self, *command: str, check: bool = True) -> str:
         done = subprocess.run(command, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
