@@ -59,6 +59,11 @@ LEGACY_COMMIT, LEGACY_SHARED = "COMMITTED.json", "shared.pt"
 KINDS = ("weight", "exp_avg", "exp_avg_sq", "ema")  # the tensors kept per parameter
 
 
+# Fields of the model section added after checkpoints were written, with the value those runs had:
+# a checkpoint without them was made by a model with these values.
+MODEL_FIELDS_ADDED = {"kind": "unet", "text": False}
+
+
 class TrainingAborted(RuntimeError):
     """Training cannot go on (too many non-finite steps, a checkpoint from another model or dataset)."""
 
@@ -362,7 +367,7 @@ class TrainState:
         """Refuse a checkpoint of another format, model or dataset, before anything is loaded."""
         if state.get("format") != FORMAT or state.get("version") != VERSION:
             raise ValueError(f"not a {FORMAT} of version {VERSION}")
-        if {"kind": "unet", **state["config"]["model"]} != to_dict(self.config)["model"]:
+        if {**MODEL_FIELDS_ADDED, **state["config"]["model"]} != to_dict(self.config)["model"]:
             raise TrainingAborted(
                 f"the checkpoint was made by another model ({state['config']['model']}); "
                 "use a new run.dir (or checkpoint.dir), or --no-resume to start over"
@@ -386,7 +391,7 @@ class TrainState:
         if not all_ranks_agree(ok):
             log.warning("cannot read checkpoint %s: %s", directory, error or "another rank could not")
             return False
-        if {"kind": "unet", **shared["config"]["model"]} != to_dict(self.config)["model"]:
+        if {**MODEL_FIELDS_ADDED, **shared["config"]["model"]} != to_dict(self.config)["model"]:
             raise TrainingAborted(
                 f"checkpoint {directory} was made by another model ({shared['config']['model']}); "
                 "use a new run.dir, or --no-resume to start over"
