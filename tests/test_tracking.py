@@ -52,7 +52,8 @@ def wait_until(condition, timeout: float = 60, what: str = "condition"):
 
 def image_steps(paths: list[str]) -> list[int]:
     """Steps of the time-stepped images MLflow stores as images/<key>+step+<N>+timestamp+....png."""
-    return sorted(int(p.split("+step+")[1].split("+")[0]) for p in paths if p.endswith(".png"))
+    images = [p for p in paths if p.startswith("images/") and p.endswith(".png")]  # not plots/*.png
+    return sorted(int(p.split("+step+")[1].split("+")[0]) for p in images)
 
 
 @pytest.fixture(autouse=True)
@@ -277,6 +278,7 @@ def test_a_training_run_logs_everything_once_and_no_secret(mlflow_server, s3, di
     assert logged == {step: jsonl[step]["loss"] for step in (2, 4, 6)}
     paths = artifact_paths(client, run.info.run_id)
     assert image_steps(paths) == [3, 6]
+    assert {"plots/loss.png", "plots/loss_by_timestep.png"} <= set(paths)  # the training curves, after each save
     assert {"config.yaml", "export/config.json", "export/ema.safetensors", "export/model.safetensors"} <= set(paths)
     assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
 
