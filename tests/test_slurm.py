@@ -256,7 +256,7 @@ def recorder(tmp_path) -> tuple[dict, Path]:
     for program in ("sbatch", "srun"):
         (bin_dir / program).write_text(f'#!/bin/sh\necho "{program} $*" >> {calls}\n')
         (bin_dir / program).chmod(0o755)
-    return {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, calls
+    return {**ENV, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}, calls
 
 
 def test_submit_dry_run_prints_the_config_and_sbatch_flags(recorder):
