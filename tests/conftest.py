@@ -18,6 +18,13 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+# pytest-xdist workers share the cores: each worker, and every process it starts, gets its share of
+# intra-op threads instead of one per core (which oversubscribes the machine and slows both).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 ROOT = Path(__file__).parents[1]
 
 # Canary credentials: tests plant them and check they appear in nothing that is written or logged.
