@@ -1,6 +1,8 @@
 """The conditional UNet: shapes, class and text conditioning, the null token, gradients, determinism."""
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -136,9 +138,9 @@ def test_attention_matches_the_textbook_formula():
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_takes_a_fused_kernel_in_either_memory_layout():
-    """q, k, v reach SDPA with a contiguous head dimension, so it picks a fused (flash) kernel
-    instead of its math fallback, which builds the (H·W)² attention matrix with bmm + softmax."""
+@contextlib.contextmanager
+def aten_ops() -> Iterator[set[str]]:
+    """Collects the names of the aten ops dispatched inside the block, backward included."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -150,15 +152,26 @@ def test_attention_takes_a_fused_kernel_in_either_memory_layout():
             self.names.add(func.__name__)
             return func(*args, **(kwargs or {}))
 
+    with Ops() as ops:
+        yield ops.names
+
+
+def assert_fused_attention(names: set[str]) -> None:
+    assert any("flash_attention" in name for name in names), sorted(names)
+    assert not {name for name in names if "bmm" in name or "softmax" in name}, sorted(names)
+
+
+def test_attention_takes_a_fused_kernel_in_either_memory_layout():
+    """q, k, v reach SDPA with a contiguous head dimension, so it picks a fused (flash) kernel
+    instead of its math fallback, which builds the (H·W)² attention matrix with bmm + softmax."""
     torch.manual_seed(0)
     block = randomize_zero_inits(AttentionBlock(64, num_head_channels=16))
     x = torch.randn(2, 64, 8, 8, requires_grad=True)
     for layout in (torch.contiguous_format, torch.channels_last):
-        with Ops() as ops:
+        with aten_ops() as names:
             out = block(x.contiguous(memory_format=layout))
             out.square().sum().backward()
-        assert any("flash_attention" in name for name in ops.names), sorted(ops.names)
-        assert not {name for name in ops.names if "bmm" in name or "softmax" in name}, sorted(ops.names)
+        assert_fused_attention(names)
         torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-6)
 
 
@@ -246,23 +259,11 @@ def test_cross_attention_matches_the_textbook_formula():
 
 def test_masked_cross_attention_takes_a_fused_kernel():
     """With its mask, cross-attention still reaches SDPA's fused CPU kernel, not the math fallback."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: set[str] = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     block = randomize_zero_inits(CrossAttentionBlock(64, CONTEXT_DIM, num_head_channels=16))
     x, cond = torch.randn(2, 64, 8, 8, requires_grad=True), text(2, real=(3, 6))
-    with Ops() as ops:
+    with aten_ops() as names:
         block(x, cond["context"], cond["context_mask"]).square().sum().backward()
-    assert any("flash_attention" in name for name in ops.names), sorted(ops.names)
-    assert not {name for name in ops.names if "bmm" in name or "softmax" in name}, sorted(ops.names)
+    assert_fused_attention(names)
 
 
 def test_a_text_model_is_the_class_model_plus_new_modules_that_start_as_the_identity():
