@@ -51,7 +51,16 @@ from diffusion_dist.data.storage import (
 from diffusion_dist.text import TextEncoder, bf16_bits
 
 from . import progress_interval
-from .images import BadImage, FolderSource, InputError, TarSource, center_crop_resize, decode_image, open_source
+from .images import (
+    BadImage,
+    FolderSource,
+    InputError,
+    TarSource,
+    center_crop_resize,
+    decode_image,
+    names_tar_shards,
+    open_source,
+)
 
 log = logging.getLogger("encode_latents")
 PARTS = "_parts"
@@ -460,6 +469,11 @@ def check_arguments(args: argparse.Namespace) -> None:
                 f"--{given[0].replace('_', '-')} needs --text-encoder: captions are encoded with a text encoder "
                 "(a hub id or a folder holding a CLIP text model or a T5 encoder and its tokenizer)"
             )
+    elif args.captions is None and not names_tar_shards(args.input):
+        raise InputError(
+            f"--text-encoder on the image folder {redact_url(args.input)} needs --captions FILE: one JSON line per "
+            'image, {"file": "<path in the folder>", "captions": ["...", ...]} (tar inputs carry their captions)'
+        )
 
 
 def encoding_settings(
@@ -497,7 +511,7 @@ def encoding_settings(
     if text_encoder is not None:
         settings["text"] = {"encoder": text_encoder.record()}
         settings["args"].update(
-            text_encoder=args.text_encoder,
+            text_encoder=text_encoder.name,  # a local folder as an absolute path: parts may spell it otherwise
             text_max_length=text_encoder.max_length,
             captions=redact_url(source.captions_url) if getattr(source, "captions_url", None) else None,
             captions_sha256=getattr(source, "captions_sha256", None),  # edited captions are other settings

@@ -276,12 +276,17 @@ def read_captions(url: str, storage_options: Mapping[str, Any], files: list[str]
     return captions, hashlib.sha256(data).hexdigest()
 
 
+def names_tar_shards(url: str) -> bool:
+    """Whether an input URL names .tar files (brace patterns allowed) rather than an image folder."""
+    return url.rstrip("/").endswith(".tar") or ".tar}" in url
+
+
 def open_source(
     url: str, storage_options: Mapping[str, Any], shard_size: int, captions: str | None = None
 ) -> FolderSource | TarSource:
-    """A tar-shard source when the URL names .tar files (brace patterns allowed), else an image folder;
-    `captions`: a folder's sidecar captions file (read_captions), on the same storage."""
-    if url.rstrip("/").endswith(".tar") or ".tar}" in url:
+    """A tar-shard source when the URL names .tar files, else an image folder; `captions`: a folder's
+    sidecar captions file (read_captions), on the same storage."""
+    if names_tar_shards(url):
         if captions is not None:
             raise InputError(
                 "--captions applies to image folders; tar inputs carry their captions beside each image "

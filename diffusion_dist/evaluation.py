@@ -289,9 +289,20 @@ def dataset_captions(url: str, limit: int, storage_options: Mapping[str, Any] | 
     captions: list[str] = []
     for shard in manifest["shards"]:
         for sample in read_shard(fs, root, shard, ("captions.json",)):
-            captions.append(json.loads(bytes(sample["captions.json"]))[0])
+            try:
+                caption = json.loads(bytes(sample["captions.json"]))[0]
+            except (KeyError, IndexError, TypeError, ValueError):
+                caption = None
+            if not isinstance(caption, str):
+                raise EvaluationError(
+                    f"{redact_url(url)}: sample {sample.get('__key__')!r} of {shard['name']} has no readable "
+                    "captions.json (a JSON list of strings); re-encode the dataset (data_tools.encode_latents)"
+                )
+            captions.append(caption)
             if len(captions) == limit:
                 return captions
+    if not captions:
+        raise EvaluationError(f"{redact_url(url)} holds no samples to take captions from")
     return [captions[i % len(captions)] for i in range(limit)]
 
 
@@ -534,8 +545,9 @@ def reference_statistics(
 
 class TrainingFid:
     """FID of EMA weights during training, on every rank's share of a fixed set of samples: fixed
-    labels and seed, so the FIDs of different steps compare. Rank 0 holds the reference statistics
-    and gets the scores; the model copy and the codec are built once, without touching the training RNG."""
+    labels (for a text model, fixed prompts with ∅ labels, as launch.evaluate samples it) and seed, so
+    the FIDs of different steps compare. Rank 0 holds the reference statistics and gets the scores; the
+    model copy, the codec and the text encoder are built once, without touching the training RNG."""
 
     def __init__(
         self,
@@ -552,11 +564,18 @@ class TrainingFid:
         rank: int = 0,
         world_size: int = 1,
         device: str | torch.device = "cpu",
+        prompts: list[str] | None = None,
+        null_text: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.info, self.features, self.reference, self.guidance = info, features, reference, guidance
         self.steps, self.sampler, self.batch_size, self.seed = steps, sampler, batch_size, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.labels = sample_labels(num_samples, max(1, info.model.num_classes))
+        self.prompts, self.null_text, self.encoder = prompts, null_text, None
+        if prompts is not None:
+            self.labels = [info.model.num_classes] * num_samples  # ∅ labels: the prompts condition a text model
+            with torch.random.fork_rng(devices=[]):
+                self.encoder = TextEncoder.from_record(info.text_encoder, None, self.device)
         self.model, self.diffusion, self.codec = sampling_copy(info, self.device)
 
     def __call__(self, weights: dict[str, torch.Tensor]) -> dict[str, float] | None:
@@ -576,6 +595,9 @@ class TrainingFid:
             world_size=self.world_size,
             device=self.device,
             codec=self.codec,
+            prompts=self.prompts,
+            encoder=self.encoder,
+            null_text=self.null_text,
         )
         gathered = extract_features(batches, self.features)
         return None if gathered is None else scores(gathered, self.reference)

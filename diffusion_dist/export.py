@@ -201,11 +201,19 @@ def load_export(
     return model.to(device).eval(), chain, info
 
 
-def load_null_text(path: str | Path) -> dict[str, torch.Tensor]:
-    """A text model export's ∅: "embedding" (L, D), "mask" (L,) bool, and "pooled" (P,) when the encoder has one."""
+def load_null_text(path: str | Path, info: ExportInfo) -> dict[str, torch.Tensor]:
+    """A text model export's ∅: "embedding" (L, D), "mask" (L,) bool, and "pooled" (P,) when the encoder
+    has one, checked against the encoder `info` records."""
+    from .text import null_text_problem
+
     directory = export_directory(path)
+    if info.text_encoder is None:
+        raise ExportError(f"{directory} is not a text model: it has no null text")
     try:
         null = load_file(directory / NULL_TEXT)
     except (OSError, SafetensorError) as e:
         raise ExportError(f"{directory / NULL_TEXT} cannot be read ({e}); export the run again") from None
+    problem = null_text_problem(null, info.text_encoder)
+    if problem:
+        raise ExportError(f"{directory / NULL_TEXT} {problem}; export the run again")
     return {**null, "mask": null["mask"].bool()}

@@ -21,6 +21,8 @@ from .models import NoisyClassifier, UNet
 from .objectives import text_arguments
 from .pictures import grid_image, row_labels
 
+PROMPT_BATCH = 64  # prompts per text-encoder forward
+
 
 def sampling_copy(info: ExportInfo, device: str | torch.device) -> tuple[UNet, GaussianDiffusion, Codec]:
     """A model copy in eval mode, its chain and codec for sampling during training (grids, FID): built
@@ -104,11 +106,15 @@ def encode_prompts(
 
     if info.text_encoder is None:
         raise ValueError("this model takes no text: sample it with class labels")
-    batch = TextEncoder.from_record(info.text_encoder, encoder, device).encode(prompts)
-    text = {"embedding": batch.embedding, "mask": batch.mask}
-    if batch.pooled is not None:
-        text["pooled"] = batch.pooled
-    return text
+    text_encoder = TextEncoder.from_record(info.text_encoder, encoder, device)
+    # Each distinct prompt once, PROMPT_BATCH at a time: a grid repeats every prompt per column, and a
+    # large encoder (T5-XXL) must not see thousands of prompts in one forward.
+    distinct = list(dict.fromkeys(prompts))
+    position = {prompt: i for i, prompt in enumerate(distinct)}
+    parts = [text_encoder.encode(distinct[i : i + PROMPT_BATCH]) for i in range(0, max(len(distinct), 1), PROMPT_BATCH)]
+    rows = torch.tensor([position[prompt] for prompt in prompts], dtype=torch.long)
+    keys = ("embedding", "mask") + (("pooled",) if text_encoder.pooled_size is not None else ())
+    return {key: torch.cat([getattr(batch, key) for batch in parts])[rows] for key in keys}
 
 
 class SampleGrid:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,14 +80,18 @@ class TextEncoder:
         Raises ValueError naming the encoder when it cannot be loaded or is not a supported kind."""
         from transformers import AutoConfig, AutoTokenizer
 
-        name = str(name_or_path)
+        # A local folder is recorded by its absolute path, so that the manifest and the export name it
+        # from any working directory (launch.sample, in-training grids, a resumed encode).
+        name = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else str(name_or_path)
         try:
             config = AutoConfig.from_pretrained(name)
             model_class = _model_class(config)
             # from_pretrained may initialise modules randomly before loading weights: keep that off the
             # caller's RNG (a sampler loading the encoder mid-run must not shift its draws).
+            # weights_only: a pickled .bin checkpoint is read with torch's restricted unpickler, never
+            # the general one (safetensors files need no unpickling at all).
             with torch.random.fork_rng(devices=[]):
-                model = model_class.from_pretrained(name)
+                model = model_class.from_pretrained(name, weights_only=True)
             tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:  # RuntimeError: size mismatch
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -131,8 +136,9 @@ class TextEncoder:
         mask = tokens["attention_mask"].to(self.device).bool()  # (N, L)
         kind = type(self.model).__name__
         if kind.startswith("CLIPText"):
-            # CLIP's attention is causal, so real tokens never see the padding; Stable Diffusion runs it
-            # without a padding mask and conditions on all L states, which is what is stored.
+            # CLIP's attention is causal, so real tokens never see the padding; it runs without a padding
+            # mask, as in Stable Diffusion. All L states are stored, with the mask: the UNet's cross-attention
+            # leaves the padding out (Stable Diffusion's attends to all 77 states).
             out = self.model(input_ids=ids)
             pooled = out.text_embeds if kind == "CLIPTextModelWithProjection" else out.pooler_output  # (N, P)
         else:
@@ -172,7 +178,8 @@ class TextEncoder:
 def check_text_encoder(expected: dict[str, Any], actual: dict[str, Any], what: str = "the data") -> None:
     """Raise TextEncoderMismatch, naming both encoders, when `actual` is not the encoder `what` was made with.
 
-    Everything but the name is compared: a copy of the same encoder in another folder is the same encoder."""
+    Everything but the name is compared: a copy of the encoder's files in another folder is the same encoder
+    (a copy re-saved with save_pretrained may rewrite config.json or the tokenizer files, which are hashed)."""
     differences = [
         f"{key}: {expected.get(key)!r} there, {actual.get(key)!r} here"
         for key in sorted((expected.keys() | actual.keys()) - {"name"})
@@ -184,6 +191,18 @@ def check_text_encoder(expected: dict[str, Any], actual: dict[str, Any], what: s
             f"({expected.get('class')}), the one {what} was encoded with ({'; '.join(differences)}). "
             f"Use the encoder {what} was encoded with, or re-encode the captions with this one"
         )
+
+
+def null_text_problem(tensors: Mapping[str, torch.Tensor], encoder: Mapping[str, Any]) -> str | None:
+    """What is wrong with a null text (the encoded empty caption) for the encoder `record()`ed as
+    `encoder`: None when it holds exactly "embedding" (L, D), "mask" (L,) and "pooled" (P,) if it has one."""
+    expected = {"embedding": (encoder["max_length"], encoder["hidden_size"]), "mask": (encoder["max_length"],)}
+    if encoder.get("pooled_size") is not None:
+        expected["pooled"] = (encoder["pooled_size"],)
+    found = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+    if found == expected:
+        return None
+    return f"holds {dict(sorted(found.items()))}, the text encoder gives {dict(sorted(expected.items()))}"
 
 
 def bf16_bits(x: torch.Tensor) -> np.ndarray:

@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if info.text_encoder is not None:
             prompts = text_prompts(args, reference)
             encoder = TextEncoder.from_record(info.text_encoder, args.text_encoder, device)
-            null_text = load_null_text(args.export)
+            null_text = load_null_text(args.export, info)
             clip = ClipScore(args.clip_model, device, download=args.download_weights) if args.clip_model else None
             if clip is None and process.rank == 0:
                 log.warning(NO_CLIP)

@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if prompts or info.text_encoder is not None:
             if info.text_encoder is None:
                 raise ValueError(f"{args.export} is not a text model: sample it with --classes")
-            null_text, null_label = load_null_text(args.export), info.model.num_classes
+            null_text, null_label = load_null_text(args.export, info), info.model.num_classes
             if args.classes is not None and null_label == 0:
                 raise ValueError(f"{args.export} takes no class labels: give --prompt or --prompts-file alone")
             if not prompts and (args.classes is None or null_label == 0):

@@ -444,6 +444,10 @@ def test_bad_captions_file_is_refused_with_its_line(images, t5, tmp_path, capsys
             "none.jsonl: no such file",
         ),
         (lambda a, p: [*a, "--text-max-length", 1], "must be >= 2"),
+        (  # a folder's captions come only from --captions: without it every image would be captionless
+            lambda a, p: a[: a.index("--captions")] + a[a.index("--captions") + 2 :],
+            "needs --captions FILE: one JSON line per image",
+        ),
     ],
 )
 def test_bad_text_arguments_are_refused(images, t5, tmp_path, capsys, change, message):

@@ -235,11 +235,21 @@ def text_data(tmp_path_factory) -> TextData:
     return TextData(root / "captioned", root / "plain", images, encoder)
 
 
+# The in-training FID's settings, and launch.evaluate's flags for the same evaluation.
+TRAINING_FID = {"num_samples": 40, "cfg_scale": 1.0, "sample_steps": 4, "sampler": "ddim", "batch_size": 16}
+
+
 @pytest.fixture(scope="module")
-def text_run(text_data, tmp_path_factory) -> Path:
-    """A text-only model (no classes) trained 10 steps on the captioned digits, one process."""
+def text_run(text_data, digit_weights, tmp_path_factory) -> Path:
+    """A text-only model (no classes) trained 10 steps on the captioned digits, one process, with an
+    in-training FID at step 10 (against the captioned data, from its captions)."""
     run_dir = tmp_path_factory.mktemp("text-run")
-    args = overrides(run_dir, text_data.captioned, model__text="true", model__num_classes=0, tracking__log_every=5)
+    evaluation = {f"eval__{k}": v for k, v in TRAINING_FID.items()}
+    evaluation.update(eval__every=10, eval__reference_samples=300, eval__feature_extractor=SPEC)
+    args = overrides(
+        run_dir, text_data.captioned, model__text="true", model__num_classes=0, tracking__log_every=5,
+        eval__feature_weights=digit_weights, **evaluation,
+    )  # fmt: skip
     result = train(args, ranks=0)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
@@ -276,6 +286,23 @@ def test_evaluate_a_text_model_gives_fid_per_scale_and_the_clip_score(text_run, 
         assert math.isfinite(r["clip_score"]) and 0 <= r["clip_score"] <= 100
     assert "CLIP" in result.stdout.splitlines()[0]  # the summary's column
     assert "CLIP score not computed" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_in_training_fid_of_a_text_model_equals_launch_evaluate_on_the_export(text_run, text_data, digit_weights):
+    """Both sample from the reference's first captions with ∅ labels: the same samples, the same FID."""
+    (record,) = [r for r in map(json.loads, (text_run / "metrics.jsonl").read_text().splitlines()) if "fid" in r]
+    assert record["step"] == 10 and math.isfinite(record["fid"]) and record["fid"] > 0
+    settings = TRAINING_FID
+    out = text_run / "eval" / "same-settings"
+    result = run_evaluate(
+        text_run, "--num-samples", settings["num_samples"], "--cfg-scale", settings["cfg_scale"],
+        "--steps", settings["sample_steps"], "--sampler", settings["sampler"], "--seed", 0,
+        "--batch-size", settings["batch_size"], "--reference", text_data.captioned, "--reference-samples", 300,
+        "--feature-extractor", SPEC, "--feature-weights", digit_weights, "--no-tracking", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["results"][0]["fid"] == pytest.approx(record["fid"], rel=1e-9)
 
 
 @pytest.mark.slow
@@ -328,6 +355,27 @@ def test_a_bad_clip_model_is_refused_before_sampling(text_run, text_data, digit_
     message = refuse(text_run, *reference, "--clip-model", text_data.encoder)  # the text encoder is no CLIPModel
     assert f"error: --clip-model {text_data.encoder}: cannot load a CLIP model" in message
     assert "Traceback" not in message
+
+
+@pytest.mark.slow
+def test_an_export_with_a_damaged_null_text_is_refused(text_run, text_data, digit_weights, refuse, tmp_path, capsys):
+    """A null_text.safetensors without its mask, or of another length than the recorded encoder's: exit 2
+    from launch.evaluate and launch.sample, naming the file, before any sampling."""
+    from safetensors.torch import load_file, save_file
+
+    from launch import sample
+
+    export = tmp_path / "export"
+    shutil.copytree(text_run / "export", export)
+    null = load_file(export / "null_text.safetensors")
+    features = ["--reference", text_data.captioned, "--feature-extractor", SPEC, "--feature-weights", digit_weights]
+    for damaged in ({"embedding": null["embedding"]}, {k: v[:-1] for k, v in null.items()}):
+        save_file(damaged, export / "null_text.safetensors")
+        message = refuse(export, *features)
+        assert f"{export / 'null_text.safetensors'} holds" in message and "export the run again" in message
+        assert sample.main([str(export), "--prompt", "the digit 3", "--out", str(tmp_path / "samples")]) == 2
+        assert f"{export / 'null_text.safetensors'} holds" in capsys.readouterr().err
+        assert not (tmp_path / "samples.png").exists()
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..text import null_text_problem
 from .storage import filesystem, join, read_bytes, redact_url
 
 if TYPE_CHECKING:
@@ -160,15 +161,9 @@ def load_null_text(
         raise DatasetError(f"{where}: {name} is missing; re-run encode_latents to finish the dataset") from None
     except SafetensorError as e:
         raise DatasetError(f"{where}: {name} is not a readable safetensors file ({e})") from None
-    expected = {"embedding": (encoder["max_length"], encoder["hidden_size"]), "mask": (encoder["max_length"],)}
-    if encoder["pooled_size"] is not None:
-        expected["pooled"] = (encoder["pooled_size"],)
-    found = {key: tuple(tensor.shape) for key, tensor in sorted(tensors.items())}
-    if found != dict(sorted(expected.items())):
-        raise DatasetError(
-            f"{where}: {name} holds {found}, the manifest's text encoder gives {dict(sorted(expected.items()))}; "
-            "re-encode the dataset's captions (data_tools.encode_latents)"
-        )
+    problem = null_text_problem(tensors, encoder)
+    if problem:
+        raise DatasetError(f"{where}: {name} {problem}; re-encode the dataset's captions (data_tools.encode_latents)")
     null = {key: tensor.float() for key, tensor in tensors.items()}
     null["mask"] = tensors["mask"].bool()
     return null

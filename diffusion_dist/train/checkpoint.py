@@ -434,8 +434,8 @@ def _owners(sizes: list[int], ranks: int) -> list[int]:
 
 def _check_dataset(saved: ExportInfo, current: ExportInfo) -> None:
     """A checkpoint resumes only on latents of its codec and shape: another dataset would change the
-    model's input silently."""
-    encoder = lambda info: info.text_encoder and {k: info.text_encoder.get(k) for k in ("name", "sha256")}  # noqa: E731
+    model's input silently. Text encoders compare as text.check_text_encoder does: all but the name."""
+    encoder = lambda info: info.text_encoder and {k: v for k, v in info.text_encoder.items() if k != "name"}  # noqa: E731
     for what, theirs, ours in (
         ("codec", saved.codec, current.codec),
         ("latent shape", list(saved.latent_shape), list(current.latent_shape)),

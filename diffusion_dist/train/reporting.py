@@ -20,11 +20,19 @@ from typing import Any
 import torch
 
 from ..config import Config, to_yaml
+from ..data.manifest import DatasetError
 from ..data.storage import redact_url
 from ..data.stream import LatentLoader
 from ..diffusion import timestep_quartile_sums
 from ..distributed import ProcessInfo, all_reduce_sum
-from ..evaluation import FeatureNet, TrainingFid, image_resolution, reference_statistics
+from ..evaluation import (
+    EvaluationError,
+    FeatureNet,
+    TrainingFid,
+    dataset_captions,
+    image_resolution,
+    reference_statistics,
+)
 from ..export import ExportInfo
 from ..inference import Guidance, SampleGrid
 from ..pictures import plot_training_curves, save_png
@@ -137,7 +145,7 @@ class Reports:
         self.rank, self.run_dir = process.rank, Path(config.run.dir)
         self.grids = bool(config.tracking.sample_every) and generates
         self.grid = _grid_sampler(export, config, device, data) if self.rank == 0 and self.grids else None
-        self.fid = _training_fid(config, export, features, process, device) if features and generates else None
+        self.fid = _training_fid(config, export, features, process, device, data) if features and generates else None
 
     def after_step(self, progress: Progress, lr: float, loss_scale: float | None) -> None:
         """Whatever is due at this step (the due ones are collectives: every rank calls this)."""
@@ -255,11 +263,25 @@ def _grid_sampler(export: ExportInfo, config: Config, device: torch.device, data
 
 
 def _training_fid(
-    config: Config, export: ExportInfo, features: FeatureNet, process: ProcessInfo, device: torch.device
+    config: Config,
+    export: ExportInfo,
+    features: FeatureNet,
+    process: ProcessInfo,
+    device: torch.device,
+    data: LatentLoader,
 ) -> TrainingFid:
-    """The in-training FID with reference statistics computed once (cached in run.dir/eval)."""
+    """The in-training FID with reference statistics computed once (cached in run.dir/eval). A text model
+    samples from the reference's first captions, as launch.evaluate does by default (the protocol of
+    text-to-image FID: COCO's captions against COCO's images); from the training data's when the
+    reference holds none (statistics, an image folder)."""
     evaluation = config.eval
     reference = evaluation.reference or config.data.url
+    prompts = None
+    if config.model.text:
+        try:
+            prompts = dataset_captions(reference, evaluation.num_samples, config.data.storage_options)
+        except (EvaluationError, DatasetError):
+            prompts = dataset_captions(config.data.url, evaluation.num_samples, config.data.storage_options)
     cache = Path(config.run.dir) / "eval" / "reference-stats.npz"
     started = time.perf_counter()
     stats = reference_statistics(
@@ -294,4 +316,6 @@ def _training_fid(
         rank=process.rank,
         world_size=process.world_size,
         device=device,
+        prompts=prompts,
+        null_text=data.null_text if prompts is not None else None,
     )
