@@ -58,6 +58,16 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -
     return False
 
 
+# The files that take longest (a demo trains for minutes), started first: on pytest-xdist workers the
+# suite lasts as long as the worker that ends last, and a long file begun late runs on alone.
+LONGEST_FIRST = ("test_demo.py", "test_train.py", "test_slurm.py", "test_text_train.py", "test_tracking.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    order = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     """Every test starts from the same global RNG state and deterministic kernels."""
