@@ -20,19 +20,12 @@ from typing import Any
 import torch
 
 from ..config import Config, to_yaml
-from ..data.manifest import DatasetError
+from ..data.manifest import DatasetError, load_manifest
 from ..data.storage import redact_url
 from ..data.stream import LatentLoader
 from ..diffusion import timestep_quartile_sums
 from ..distributed import ProcessInfo, all_reduce_sum
-from ..evaluation import (
-    EvaluationError,
-    FeatureNet,
-    TrainingFid,
-    dataset_captions,
-    image_resolution,
-    reference_statistics,
-)
+from ..evaluation import FeatureNet, TrainingFid, dataset_captions, image_resolution, reference_statistics
 from ..export import ExportInfo
 from ..inference import Guidance, SampleGrid
 from ..pictures import plot_training_curves, save_png
@@ -270,18 +263,9 @@ def _training_fid(
     device: torch.device,
     data: LatentLoader,
 ) -> TrainingFid:
-    """The in-training FID with reference statistics computed once (cached in run.dir/eval). A text model
-    samples from the reference's first captions, as launch.evaluate does by default (the protocol of
-    text-to-image FID: COCO's captions against COCO's images); from the training data's when the
-    reference holds none (statistics, an image folder)."""
+    """The in-training FID with reference statistics computed once (cached in run.dir/eval)."""
     evaluation = config.eval
     reference = evaluation.reference or config.data.url
-    prompts = None
-    if config.model.text:
-        try:
-            prompts = dataset_captions(reference, evaluation.num_samples, config.data.storage_options)
-        except (EvaluationError, DatasetError):
-            prompts = dataset_captions(config.data.url, evaluation.num_samples, config.data.storage_options)
     cache = Path(config.run.dir) / "eval" / "reference-stats.npz"
     started = time.perf_counter()
     stats = reference_statistics(
@@ -316,6 +300,20 @@ def _training_fid(
         rank=process.rank,
         world_size=process.world_size,
         device=device,
-        prompts=prompts,
-        null_text=data.null_text if prompts is not None else None,
+        prompts=_fid_prompts(config),
+        null_text=data.null_text,
     )
+
+
+def _fid_prompts(config: Config) -> list[str] | None:
+    """A text model's in-training FID prompts: the reference's first captions, as launch.evaluate takes
+    them by default (text-to-image FID's protocol: COCO's captions against COCO's images), or the
+    training data's when the reference holds none (statistics, an image folder). None for other models."""
+    if not config.model.text:
+        return None
+    options, reference = config.data.storage_options, config.eval.reference or config.data.url
+    try:
+        captioned = bool(load_manifest(reference, options).get("text"))
+    except DatasetError:  # no manifest: statistics or an image folder
+        captioned = False
+    return dataset_captions(reference if captioned else config.data.url, config.eval.num_samples, options)
